@@ -1,0 +1,116 @@
+"""GRPO benchmark: region scoring throughput and step time, shared vs re-encoded IR/visible tokens.
+
+    python benchmarks/grpo.py [--geometry small|vit_l16_384] [--dtype float32|bfloat16]
+                              [--regions 8] [--batch 2] [--crop 128] [--repeats 3]
+
+Random weights (timings do not depend on them). For K regions of B pairs the
+reward model encodes IR and visible once per pair (shared, what the trainer does)
+or once per region (naive). Measures (after one compile):
+
+* regions scored per second by ``ModelReward.regions`` (jitted);
+* the full jitted GRPO train step (DCEvo forward/backward + theta_old/theta_ref
+  forwards + region rewards) in seconds.
+
+Geometries: ``small`` = a 4-layer, 128-wide ViT at 128x128 (patch 16) with a
+small head, DCEvo dim 16; ``vit_l16_384`` = the released reward model
+(ViT-L/16-384 backbone and mixing ViT) with the released DCEvo (dim 64).
+Prints one JSON object per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, reward_model, vit
+
+
+def _geometry(name: str):
+    if name == "small":
+        rcfg = reward_model.RewardConfig(
+            vit=vit.ViTConfig.tiny(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   intermediate_size=512, image_size=128, patch_size=16),
+            heatmap_channels=(64, 32), deconv_channels=(32, 32, 16, 16), heatmap_last_channels=16,
+            score_conv_divisors=(1, 2, 4, 8, 16, 32), score_hidden=(64, 32))
+        dcfg = dcevo.DCEvoConfig(dim=16, num_blocks=1, c2f_n=1, detail_layers=1, heads=2)
+    elif name == "vit_l16_384":
+        rcfg = reward_model.RewardConfig()
+        dcfg = dcevo.DCEvoConfig()
+    else:
+        raise SystemExit(f"unknown geometry {name!r}; use small or vit_l16_384")
+    return rcfg, dcfg
+
+
+def _time(fn, repeats):
+    out = fn()
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--geometry", default="small")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--regions", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-step", action="store_true", help="only time the region scoring")
+    args = ap.parse_args(argv)
+
+    rcfg, dcfg = _geometry(args.geometry)
+    rparams = reward_model.init_params(rcfg, jax.random.PRNGKey(0))
+    if args.dtype == "bfloat16":
+        rparams = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), rparams)
+    dparams = dcevo.init_params(dcfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    b, k, c = args.batch, args.regions, args.crop
+    batch = {"ir": rng.random((b, c, c, 1)).astype(np.float32),
+             "vi": rng.random((b, c, c, 1)).astype(np.float32),
+             "masks": (rng.random((b, k, c, c)) > 0.5).astype(np.float32),
+             "valid": np.ones((b, k), bool)}
+    fused = jnp.asarray(rng.random((b, c, c, 1)), jnp.float32)
+    mesh = parallel.data_mesh()
+    for share in (True, False):
+        rf = reward_fns.ModelReward(rcfg, share_tokens=share, dtype=args.dtype)
+        score = jax.jit(rf.regions)
+        t0 = time.perf_counter()
+        jax.block_until_ready(score(rparams, fused, batch["ir"], batch["vi"], batch["masks"]))
+        compile_s = time.perf_counter() - t0
+        t_score = _time(lambda: score(rparams, fused, batch["ir"], batch["vi"], batch["masks"]),
+                        args.repeats)
+        rec = {"geometry": args.geometry, "dtype": args.dtype, "share_tokens": share,
+               "batch": b, "regions": k, "crop": c, "device": str(jax.devices()[0].platform),
+               "n_devices": jax.device_count(), "score_compile_s": round(compile_s, 2),
+               "score_s": round(t_score, 4), "regions_per_s": round(b * k / t_score, 2)}
+        if not args.no_step:
+            hp = gt.TrainHParams(objective="grpo")
+            tx, _ = gt.make_optimizer(1e-4, 100)
+            step = gt.make_train_step(hp, dcfg, tx, rf, mesh)
+            state = parallel.replicate(gt.create_train_state(dparams, tx), mesh)
+            rp = parallel.replicate(rparams, mesh)
+            sb = parallel.shard_batch(batch, mesh)
+            holder = {"s": state}
+
+            def one():
+                holder["s"], m = step(holder["s"], rp, sb)
+                return m["loss"]
+            rec["step_s"] = round(_time(one, args.repeats), 4)
+        if jax.devices()[0].platform == "gpu":
+            stats = jax.devices()[0].memory_stats() or {}
+            rec["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()

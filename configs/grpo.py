@@ -1,0 +1,85 @@
+"""DCEvo fine-tuning config: GRPO over regions (EVAFusion), the released direct mode, or fusion losses.
+
+    python -m evafusion_jax.train_grpo --config configs/grpo.py \
+        --config.data.data_dir=/data/MSRS_train --config.data.cache_dir=/data/MSRS_regions \
+        --config.dcevo_checkpoint=ckpt/dcevo --config.reward_checkpoint=ckpt/reward \
+        --config.workdir=runs/grpo
+
+    # the release's direct fine-tuning (backprop through the reward model):
+    ... --config.objective=direct
+    # unsupervised fusion losses only (train DCEvo from scratch / warm up):
+    ... --config.objective=fusion --config.dcevo_checkpoint= --config.data.region_source=grid
+"""
+
+import ml_collections
+
+from evafusion_jax import grpo_input_pipeline
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/grpo"         # checkpoints/, logs/, dcevo_final/ (Orbax), dcevo_final.pth
+    c.seed = 0                      # DCEvo init when dcevo_checkpoint is empty
+    c.objective = "grpo"            # grpo | direct | fusion
+
+    # Policy: DCEvo checkpoint (kind "dcevo", e.g. converted DCEvo_fusion.pth); "" = random init
+    # with the architecture below (dcevo fields are ignored when a checkpoint is given).
+    c.dcevo_checkpoint = ""
+    c.dcevo = ml_collections.ConfigDict(dict(
+        dim=64, num_blocks=5, c2f_n=6, detail_layers=3, heads=8, ffn_expansion_factor=2.0,
+        dtype="float32", precision="highest"))
+
+    # Reward: model (reward checkpoint, kind "reward") | contrast (analytic, for tests/demos).
+    c.reward_kind = "model"
+    c.reward_checkpoint = ""
+    c.reward_dtype = "float32"      # float32 | bfloat16 (mixed precision for the reward model)
+    c.released_preprocessing_bug = False  # True: feed [0, 1] pixels like reward_final.py
+    c.weights = ml_collections.ConfigDict(dict(
+        texture=2.0, thermal=1.0, sharpness=2.0, artifacts=0.5, heatmap_threshold=0.5,
+        use_scores=True, use_heatmap=True, heatmap_only=1.0, soft_area=False))
+
+    # GRPO.
+    c.clip_eps = 0.2
+    c.beta = 0.1
+    c.kl_sigma = 1.0
+    c.ratio_alpha = 1.0
+    c.ratio_eps = 1e-6
+    c.adv_eps = 1e-6
+    c.old_policy_interval = 1       # refresh theta_old every N steps (it lags by >= 1 update)
+    c.whole_image_region = False    # add the whole image as one more region
+    c.grpo_fusion_weight = 0.0      # optional auxiliary losses in GRPO
+    c.grpo_decomp_weight = 0.0
+    c.grpo_pseudo_weight = 0.0
+
+    # Direct / fusion objectives (released weights).
+    c.reward_loss_weight = 0.5
+    c.fusion_loss_weight = 1.0
+    c.decomp_loss_weight = 2.0
+    c.pseudo_fusion_weight = 100.0
+    c.pseudo_fusion_mode = "max"    # max | saliency (our target; the release's is unpublished)
+    c.fusion_grad_weight = 10.0
+
+    # Optimisation.
+    c.learning_rate = 1e-4
+    c.end_learning_rate = 1e-6      # cosine decay target
+    c.weight_decay = 0.01           # AdamW (decoupled)
+    c.warmup_steps = 0
+    c.grad_clip_norm = 0.0
+    c.num_epochs = 20
+    c.steps_per_epoch = -1          # -1: number of pairs // global batch size
+    c.max_steps = -1                # > 0: train exactly this many steps (overrides epochs)
+
+    # Data: GRPO pairs + regions (grpo_input_pipeline); data.batch_size is the GLOBAL batch.
+    c.data = grpo_input_pipeline.default_config()
+    c.data.batch_size = 2
+
+    # Logs, checkpoints, export.
+    c.log_every_steps = 10
+    c.image_every_steps = 100       # F before/after images to TensorBoard; 0 = off
+    c.checkpoint_every_steps = 100
+    c.keep_checkpoints = 3
+    c.export_pth = ""               # also write the released .pth layout here (needs torch)
+    c.progress = True
+    c.debug_nan_at_step = -1        # testing: make the loss NaN at this 0-based step
+    c.debug_exit_at_step = -1       # testing: os._exit(75) right after this step (a kill)
+    return c

@@ -1,0 +1,323 @@
+"""Fuse folders of infrared/visible pairs with a DCEvo checkpoint.
+
+Command line::
+
+    python -m evafusion_jax.fuse --checkpoint CKPT --ir DIR --vi DIR --out DIR
+    python -m evafusion_jax.fuse --checkpoint CKPT --pairs DIR --out DIR   # DIR/ir and DIR/vi
+
+Behaviour:
+
+* Files are paired by name without extension (``ir/01.png`` with ``vi/01.jpg``);
+  a file without its counterpart is an error that lists all of them.
+* Any size; the result has the size of the inputs (never resized). Both images
+  of a pair must have the same size, unless ``--resize-to ir|vi`` resamples the
+  other side (bicubic) to that side's size.
+* 8- and 16-bit, grey, RGB, RGBA and palette files (see :mod:`evafusion_jax.image_io`).
+* Colour: when the visible image is colour (its channels differ), its Y
+  channel (full-range BT.601, as the DCEvo release's ``tocolor.py``) is fused
+  with the infrared luma and the visible CbCr are kept; the output is RGB.
+  Otherwise (or with ``--gray``) the output is grey. Outputs are 8-bit PNG files
+  named ``<stem>.png``.
+* Shape bucketing: each pair is reflect-padded at the bottom/right to a multiple
+  of ``--bucket`` pixels (default 32) and the result cropped back, so a folder
+  of mixed sizes compiles once per padded shape, not once per image; pairs of
+  the same padded shape are batched (``--batch-size``). ``--bucket 1`` disables
+  padding (one compilation per distinct size). DCEvo's attention is global over
+  the image, so padding changes the output slightly everywhere, most near the
+  padded border (``benchmarks/fuse.py`` measures it).
+* Everything is validated (pairs, readable headers, sizes, output folder)
+  before any work; outputs are written into a temporary sibling folder that
+  is renamed to ``--out`` only when every pair succeeded, so a failure never
+  leaves a half-written output folder. An existing non-empty ``--out`` is left
+  intact unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from evafusion_jax import image_io
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FuseError", "PairJob", "Fuser", "prepare_pair", "fuse_pair", "plan_folder", "fuse_folder",
+           "load_model", "main"]
+
+
+class FuseError(ValueError):
+    """Invalid input for fusion (sizes, output folder, options)."""
+
+
+# ----------------------------------------------------------------------------- model
+
+def load_model(checkpoint: str | None = None, init_random: str | None = None, seed: int = 0):
+    """``(params, DCEvoConfig)`` from an Orbax checkpoint folder, or random weights.
+
+    ``init_random``: ``"tiny"`` (``DCEvoConfig.tiny()``) or ``"full"`` (release size).
+    """
+    import jax
+
+    from evafusion_jax import dcevo
+    if (checkpoint is None) == (init_random is None):
+        raise FuseError("give exactly one of a checkpoint (--checkpoint CKPT) or --init-random tiny|full")
+    if checkpoint is not None:
+        from evafusion_jax import checkpoints
+        params, config_dict = checkpoints.load_params(checkpoint, "dcevo")
+        return params, dcevo.DCEvoConfig.from_dict(config_dict)
+    if init_random == "tiny":
+        config = dcevo.DCEvoConfig.tiny()
+    elif init_random == "full":
+        config = dcevo.DCEvoConfig()
+    else:
+        raise FuseError(f"--init-random must be 'tiny' or 'full', got {init_random!r}")
+    return dcevo.init_params(config, jax.random.PRNGKey(seed)), config
+
+
+# ----------------------------------------------------------------------------- one pair
+
+def prepare_pair(ir: np.ndarray, vi: np.ndarray, resize_to: str | None = None, gray: bool = False,
+                 name: str = "pair"):
+    """Turns decoded images into DCEvo inputs.
+
+    Args:
+      ir, vi: ``(H, W, C)`` float images in [0, 1], C 1 or 3.
+      resize_to: None (sizes must match), "ir" or "vi" (resample the other image to that size).
+      gray: ignore the visible colour.
+
+    Returns:
+      ``(ir_y, vi_y, chroma)``: two ``(H, W, 1)`` float32 luma images and the visible
+      ``(H, W, 2)`` CbCr, or None when the output is grey.
+    """
+    if ir.shape[:2] != vi.shape[:2]:
+        if resize_to == "ir":
+            vi = image_io.resize(vi, *ir.shape[:2])
+        elif resize_to == "vi":
+            ir = image_io.resize(ir, *vi.shape[:2])
+        else:
+            raise FuseError(f"{name}: infrared is {ir.shape[1]}x{ir.shape[0]} but visible is "
+                            f"{vi.shape[1]}x{vi.shape[0]} (width x height); pass --resize-to ir|vi to resample one side")
+    ir_y = image_io.to_gray(ir)
+    if not gray and image_io.is_color(vi):
+        ycc = image_io.rgb_to_ycbcr(vi)
+        return ir_y, ycc[..., :1], ycc[..., 1:]
+    return ir_y, image_io.to_gray(vi), None
+
+
+def _pad_to(x: np.ndarray, hp: int, wp: int) -> np.ndarray:
+    h, w = x.shape[:2]
+    if (h, w) == (hp, wp):
+        return x
+    return np.pad(x, ((0, hp - h), (0, wp - w), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+
+
+def padded_shape(h: int, w: int, bucket: int) -> tuple[int, int]:
+    """The bucketed size of an ``h x w`` image (next multiples of ``bucket``)."""
+    return int(math.ceil(h / bucket) * bucket), int(math.ceil(w / bucket) * bucket)
+
+
+class Fuser:
+    """Fuses luma pairs with DCEvo, padding them to bucketed shapes so few shapes get compiled.
+
+    ``compiled_shapes`` records the distinct (batch, height, width) shapes run so far
+    (``dcevo.fuse`` is jit-compiled once per shape).
+    """
+
+    def __init__(self, params: Any, config, bucket: int = 32, batch_size: int = 1):
+        if bucket < 1 or batch_size < 1:
+            raise FuseError("bucket and batch size must be >= 1")
+        self.params, self.config = params, config
+        self.bucket, self.batch_size = bucket, batch_size
+        self.compiled_shapes: set[tuple[int, int, int]] = set()
+
+    def padded_shape(self, h: int, w: int) -> tuple[int, int]:
+        return padded_shape(h, w, self.bucket)
+
+    def fuse_batch(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Fuses ``(ir_y, vi_y)`` pairs whose padded shapes are equal; returns ``(H, W, 1)`` arrays."""
+        from evafusion_jax import dcevo
+        if not pairs:
+            return []
+        shapes = {self.padded_shape(*ir.shape[:2]) for ir, _ in pairs}
+        if len(shapes) != 1 or len(pairs) > self.batch_size:
+            raise FuseError("fuse_batch wants at most batch_size pairs of one padded shape")
+        hp, wp = shapes.pop()
+        ir = np.stack([_pad_to(a, hp, wp) for a, _ in pairs]).astype(np.float32)
+        vi = np.stack([_pad_to(b, hp, wp) for _, b in pairs]).astype(np.float32)
+        n = len(pairs)
+        if n < self.batch_size:  # keep one compiled shape per bucket
+            ir = np.concatenate([ir, np.repeat(ir[-1:], self.batch_size - n, axis=0)])
+            vi = np.concatenate([vi, np.repeat(vi[-1:], self.batch_size - n, axis=0)])
+        self.compiled_shapes.add((ir.shape[0], hp, wp))
+        out = np.asarray(dcevo.fuse(self.params, ir, vi, self.config))
+        return [np.clip(out[i, :a.shape[0], :a.shape[1]], 0.0, 1.0) for i, (a, _) in enumerate(pairs)]
+
+    def __call__(self, ir_y: np.ndarray, vi_y: np.ndarray) -> np.ndarray:
+        return self.fuse_batch([(ir_y, vi_y)])[0]
+
+
+def fuse_pair(fuser: Fuser, ir: np.ndarray, vi: np.ndarray, resize_to: str | None = None,
+              gray: bool = False) -> np.ndarray:
+    """Fuses one decoded pair; ``(H, W, 1)`` grey or ``(H, W, 3)`` RGB in [0, 1] (see module doc)."""
+    ir_y, vi_y, chroma = prepare_pair(ir, vi, resize_to, gray)
+    return _finish(fuser(ir_y, vi_y), chroma)
+
+
+def _finish(fused_y: np.ndarray, chroma: np.ndarray | None) -> np.ndarray:
+    if chroma is None:
+        return fused_y
+    return image_io.ycbcr_to_rgb(np.concatenate([fused_y, chroma], axis=-1))
+
+
+# ----------------------------------------------------------------------------- folders
+
+@dataclasses.dataclass(frozen=True)
+class PairJob:
+    name: str
+    ir_path: Path
+    vi_path: Path
+    size: tuple[int, int]  # (H, W) of the output
+
+
+def plan_folder(ir_dir, vi_dir, resize_to: str | None = None, max_listed: int = 20) -> list[PairJob]:
+    """Pairs the files and checks their headers and sizes, before any decoding or model work."""
+    pairs = image_io.pair_files({"ir": ir_dir, "vi": vi_dir}, max_listed=max_listed)
+    unreadable, mismatched, jobs = [], [], []
+    for stem, paths in pairs:
+        try:
+            ir_hw = image_io.image_size(paths["ir"])
+            vi_hw = image_io.image_size(paths["vi"])
+        except image_io.ImageReadError as e:
+            unreadable.append(str(e))
+            continue
+        if ir_hw != vi_hw and resize_to is None:
+            mismatched.append(f"{stem}: ir {ir_hw[1]}x{ir_hw[0]}, vi {vi_hw[1]}x{vi_hw[0]}")
+        size = vi_hw if resize_to == "vi" else ir_hw
+        jobs.append(PairJob(stem, paths["ir"], paths["vi"], size))
+    if unreadable:
+        raise image_io.ImageReadError(f"{len(unreadable)} unreadable file(s):\n  " + "\n  ".join(unreadable[:max_listed]))
+    if mismatched:
+        more = f"\n  ... ({len(mismatched)} in all)" if len(mismatched) > max_listed else ""
+        raise FuseError(f"{len(mismatched)} pair(s) differ in size (width x height):\n  "
+                        + "\n  ".join(mismatched[:max_listed]) + more
+                        + "\npass --resize-to ir or --resize-to vi to resample the other image of each pair")
+    return jobs
+
+
+def fuse_folder(params: Any, config, ir_dir, vi_dir, out_dir, *, bucket: int = 32, batch_size: int = 1,
+                resize_to: str | None = None, gray: bool = False, overwrite: bool = False,
+                progress: bool = True) -> dict:
+    """Fuses every pair of ``ir_dir``/``vi_dir`` into ``out_dir`` (``<stem>.png``); see the module doc.
+
+    Returns a summary dict: ``images``, ``seconds``, ``images_per_s``, ``compiled_shapes``, ``out``.
+    """
+    if resize_to not in (None, "ir", "vi"):
+        raise FuseError(f"resize_to must be None, 'ir' or 'vi', got {resize_to!r}")
+    out_dir = Path(out_dir)
+    image_io.check_output_dir(out_dir, [Path(ir_dir), Path(vi_dir)], overwrite)
+    jobs = plan_folder(ir_dir, vi_dir, resize_to)
+    fuser = Fuser(params, config, bucket=bucket, batch_size=batch_size)
+
+    groups: dict[tuple[int, int], list[PairJob]] = {}
+    for job in jobs:
+        groups.setdefault(fuser.padded_shape(*job.size), []).append(job)
+
+    tmp = image_io.staging_dir(out_dir)
+    start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+        with tqdm(total=len(jobs), desc="fuse", unit="img", disable=not progress) as bar:
+            for shape in sorted(groups):
+                group = groups[shape]
+                for i in range(0, len(group), batch_size):
+                    chunk = group[i:i + batch_size]
+                    prepared = []
+                    for job in chunk:
+                        ir = image_io.read_image(job.ir_path)
+                        vi = image_io.read_image(job.vi_path)
+                        prepared.append(prepare_pair(ir, vi, resize_to, gray, name=job.name))
+                    fused = fuser.fuse_batch([(a, b) for a, b, _ in prepared])
+                    for job, y, (_, _, chroma) in zip(chunk, fused, prepared):
+                        image_io.save_image(tmp / f"{job.name}.png", _finish(y, chroma))
+                    bar.update(len(chunk))
+        seconds = time.perf_counter() - start
+        image_io.commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"images": len(jobs), "seconds": seconds, "images_per_s": len(jobs) / seconds if seconds > 0 else 0.0,
+            "compiled_shapes": len(fuser.compiled_shapes), "out": str(out_dir)}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evafusion_jax.fuse", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--checkpoint", help="DCEvo checkpoint folder (checkpoints.save_params, kind 'dcevo')")
+    src.add_argument("--init-random", choices=("tiny", "full"),
+                     help="random weights instead of a checkpoint (tests, demos, timing)")
+    src.add_argument("--seed", type=int, default=0, help="seed for --init-random")
+    p.add_argument("--ir", help="folder of infrared images")
+    p.add_argument("--vi", help="folder of visible images (same file names)")
+    p.add_argument("--pairs", help="folder holding ir/ and vi/ (instead of --ir/--vi)")
+    p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--resize-to", choices=("ir", "vi"), help="resample the other image when a pair differs in size")
+    p.add_argument("--gray", action="store_true", help="grey output even for colour visible images")
+    p.add_argument("--bucket", type=int, default=32,
+                   help="pad sizes up to multiples of this (default 32; 1 = no padding, one compile per size)")
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass within a size bucket")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.pairs:
+        if args.ir or args.vi:
+            print("error: give either --pairs or --ir/--vi, not both", file=sys.stderr)
+            return 2
+        ir_dir, vi_dir = Path(args.pairs) / "ir", Path(args.pairs) / "vi"
+    else:
+        if not (args.ir and args.vi):
+            print("error: give --ir and --vi (or --pairs DIR holding ir/ and vi/)", file=sys.stderr)
+            return 2
+        ir_dir, vi_dir = Path(args.ir), Path(args.vi)
+    try:
+        # Validate the inputs before loading the model, so input errors come fast.
+        image_io.check_output_dir(args.out, [ir_dir, vi_dir], args.overwrite)
+        plan_folder(ir_dir, vi_dir, args.resize_to)
+        params, config = load_model(args.checkpoint, args.init_random, args.seed)
+        summary = fuse_folder(params, config, ir_dir, vi_dir, args.out, bucket=args.bucket,
+                              batch_size=args.batch_size, resize_to=args.resize_to, gray=args.gray,
+                              overwrite=args.overwrite, progress=not args.quiet)
+    except (FuseError, image_io.PairingError, image_io.ImageReadError, image_io.OutputFolderError,
+            FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from evafusion_jax.checkpoints import CheckpointError
+        if isinstance(e, CheckpointError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    print(f"fused {summary['images']} images in {summary['seconds']:.2f} s "
+          f"({summary['images_per_s']:.2f} images/s, {summary['compiled_shapes']} compiled shape(s)) "
+          f"-> {summary['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The pure mathematics of region-level GRPO for a deterministic fusion policy.
+
+EVAFusion fine-tunes DCEvo with a GRPO-style objective whose "group" is the set
+of SAM regions of one image pair. Everything here is a pure ``jax.numpy``
+function of arrays (no models, no state), so it can be tested against
+hand-computed values and used inside ``jit``/``grad``/``shard_map``.
+
+Shapes: ``B`` pairs per batch, ``K`` region slots per pair, images (B, H, W, 1),
+masks (B, K, H, W) float {0, 1}, ``valid`` (B, K) bool (False marks an empty /
+padding slot; such slots never contribute to any statistic).
+
+* :func:`aggregate_reward` turns reward-model outputs into one scalar per
+  region with the released weights (texture 2, thermal 1, sharpness 2,
+  artifacts 0.5 x (1 + artifact-heatmap area above 0.5)).
+* :func:`group_advantages` standardises rewards within each pair's group of
+  valid regions: A_k = (s_k - mean) / (std + eps); groups without spread (or
+  with fewer than two valid regions) get zero advantages, never NaN.
+* :func:`region_ratios` r_k = 1 + alpha |F[M_k] - F_old[M_k]|_1 / (|F_old[M_k]|_1 + eps).
+* :func:`clipped_surrogate` the PPO/GRPO clipped objective over valid regions.
+* :func:`gaussian_kl` KL of two fixed-variance Gaussians centred on the fused
+  images: mean((F - F_ref)^2) / (2 sigma^2).
+
+The surrogate is returned as a (sum, count) pair where it matters, so that a
+data-parallel step can divide by the *global* number of valid regions and match
+the single-device result exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+# Names of the reward-model score outputs (reward_model.SCORE_TYPES) used by the reward.
+TEXTURE = "Texture_Preservation"
+THERMAL = "Thermal_Retention"
+SHARPNESS = "Sharpness"
+ARTIFACTS = "Artifacts"
+HEATMAP = "artifact_heatmap"
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardWeights:
+    """Weights of the reward aggregation (defaults: the released fine-tuning, reward_final.py).
+
+    reward = texture * Texture + thermal * Thermal + sharpness * Sharpness
+             + artifacts * (1 + area) * Artifacts                  (use_scores, use_heatmap)
+    where ``area`` is the fraction of the artifact heatmap >= ``heatmap_threshold``.
+
+    Ablations (the paper's "w/o score" / "w/o heatmap"):
+      use_heatmap=False: the artifacts term is ``artifacts * Artifacts`` (no area factor).
+      use_scores=False: no score terms; the reward is ``-heatmap_only * area`` (less
+        predicted artifact area is better). This is OUR definition of the heatmap-only
+        reward (the release has no such code). With ``soft_area`` the area is the mean
+        heatmap value instead of the thresholded fraction, which is differentiable (the
+        thresholded area has zero gradient, as in the release).
+    """
+
+    texture: float = 2.0
+    thermal: float = 1.0
+    sharpness: float = 2.0
+    artifacts: float = 0.5
+    heatmap_threshold: float = 0.5
+    use_scores: bool = True
+    use_heatmap: bool = True
+    heatmap_only: float = 1.0
+    soft_area: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RewardWeights":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown reward weight(s) {unknown}; known: {sorted(names)}")
+        return cls(**dict(d))
+
+
+def heatmap_area(heatmap: jax.Array, threshold: float = 0.5, soft: bool = False) -> jax.Array:
+    """Fraction of heatmap pixels >= ``threshold`` (or the mean value when ``soft``).
+
+    ``heatmap`` has shape (..., S, S); returns shape (...,).
+    """
+    hm = heatmap.astype(jnp.float32)
+    if soft:
+        return jnp.mean(hm, axis=(-2, -1))
+    return jnp.mean((hm >= threshold).astype(jnp.float32), axis=(-2, -1))
+
+
+def aggregate_reward(scores: Mapping[str, jax.Array], heatmaps: Mapping[str, jax.Array],
+                     weights: RewardWeights = RewardWeights()) -> tuple[jax.Array, dict]:
+    """Weighted reward from reward-model outputs.
+
+    Args:
+      scores: {score name: (...,)} sigmoid scores in [0, 1] (reward_model.SCORE_TYPES names).
+      heatmaps: {"artifact_heatmap": (..., S, S)} in [0, 1].
+      weights: a :class:`RewardWeights`.
+
+    Returns:
+      (total (...,), terms) where ``terms`` maps "texture", "thermal", "sharpness",
+      "artifacts", "heatmap" and "artifact_area" to (...,) arrays; ``total`` is the
+      sum of the weighted terms (every term already carries its weight;
+      "artifact_area" is a diagnostic, not added).
+    """
+    w = weights
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    ref = f32(scores[ARTIFACTS]) if ARTIFACTS in scores else f32(next(iter(scores.values())))
+    zero = jnp.zeros_like(ref)
+    area = (heatmap_area(heatmaps[HEATMAP], w.heatmap_threshold, w.soft_area)
+            if HEATMAP in heatmaps else zero)
+    terms = {"texture": zero, "thermal": zero, "sharpness": zero, "artifacts": zero,
+             "heatmap": zero}
+    if w.use_scores:
+        terms["texture"] = w.texture * f32(scores[TEXTURE])
+        terms["thermal"] = w.thermal * f32(scores[THERMAL])
+        terms["sharpness"] = w.sharpness * f32(scores[SHARPNESS])
+        art = f32(scores[ARTIFACTS])
+        terms["artifacts"] = w.artifacts * art
+        if w.use_heatmap:
+            # The released (1 + area) factor, split so that each part is visible in the logs.
+            terms["heatmap"] = w.artifacts * area * art
+    elif w.use_heatmap:
+        terms["heatmap"] = -w.heatmap_only * area
+    total = sum(terms.values())
+    terms["artifact_area"] = area
+    return total, terms
+
+
+def masked_mean_std(values: jax.Array, valid: jax.Array, axis: int = -1):
+    """Mean, population std and count of ``values`` over the ``valid`` entries along ``axis``."""
+    v = valid.astype(jnp.float32)
+    n = jnp.sum(v, axis=axis, keepdims=True)
+    safe_n = jnp.maximum(n, 1.0)
+    x = jnp.where(valid, values, 0.0)
+    mean = jnp.sum(x, axis=axis, keepdims=True) / safe_n
+    dev = jnp.where(valid, values - mean, 0.0)
+    var = jnp.sum(dev * dev, axis=axis, keepdims=True) / safe_n
+    return mean, jnp.sqrt(var), n
+
+
+def group_advantages(rewards: jax.Array, valid: jax.Array, eps: float = 1e-6,
+                     min_std: float = 1e-6) -> jax.Array:
+    """A_k = (s_k - mean) / (std + eps) within each row's valid regions.
+
+    Args:
+      rewards: (B, K) region rewards.
+      valid: (B, K) bool.
+      eps: added to the std.
+      min_std: a group whose std is <= this (no spread; also groups with fewer
+        than two valid regions) gets zero advantages.
+
+    Returns:
+      (B, K) float32 advantages, exactly 0 at invalid slots; never NaN for
+      finite rewards. Treated as constants (stop_gradient).
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    valid = jnp.asarray(valid, bool)
+    mean, std, n = masked_mean_std(rewards, valid)
+    adv = (rewards - mean) / (std + eps)
+    ok = valid & (std > min_std) & (n >= 2)
+    return jax.lax.stop_gradient(jnp.where(ok, adv, 0.0))
+
+
+def abs0(x: jax.Array) -> jax.Array:
+    """|x| whose derivative is sign(x), i.e. exactly 0 at x = 0 (jnp.abs uses 1 there)."""
+    return x * jax.lax.stop_gradient(jnp.sign(x))
+
+
+def region_l1(x: jax.Array, masks: jax.Array) -> jax.Array:
+    """sum over each region of |x|: x (B, H, W, C), masks (B, K, H, W) -> (B, K).
+
+    Uses :func:`abs0`, so the gradient at x = 0 is 0 (the L1 subgradient at 0).
+    """
+    ax = jnp.sum(abs0(x.astype(jnp.float32)), axis=-1)  # (B, H, W)
+    return jnp.einsum("bhw,bkhw->bk", ax, masks.astype(jnp.float32))
+
+
+def region_ratios(fused: jax.Array, fused_old: jax.Array, masks: jax.Array,
+                  alpha: float = 1.0, eps: float = 1e-6) -> jax.Array:
+    """r_k = 1 + alpha * |F[M_k] - F_old[M_k]|_1 / (|F_old[M_k]|_1 + eps), shape (B, K).
+
+    ``fused_old`` is treated as a constant. With fused == fused_old the ratio is
+    exactly 1 and its gradient is exactly 0 (the L1 norm's subgradient at 0):
+    the old policy must lag the current one for the surrogate to move anything.
+    """
+    fused_old = jax.lax.stop_gradient(fused_old)
+    num = region_l1(fused - fused_old, masks)
+    den = region_l1(fused_old, masks)
+    return 1.0 + alpha * num / (den + eps)
+
+
+def clipped_surrogate_terms(ratios: jax.Array, advantages: jax.Array, valid: jax.Array,
+                            clip_eps: float = 0.2):
+    """Per-region min(r A, clip(r, 1 - eps, 1 + eps) A) and a per-region "clipped" flag.
+
+    Returns (objective (B, K) with zeros at invalid slots, clipped (B, K) float {0, 1}).
+    A region counts as clipped when the clipped branch is the active one and
+    differs from the unclipped value (its gradient through r is zero).
+    """
+    valid = jnp.asarray(valid, bool)
+    unclipped = ratios * advantages
+    clipped_r = jnp.clip(ratios, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped = clipped_r * advantages
+    obj = jnp.minimum(unclipped, clipped)
+    is_clipped = (clipped < unclipped) & (clipped_r != ratios)
+    return (jnp.where(valid, obj, 0.0),
+            jnp.where(valid, is_clipped, False).astype(jnp.float32))
+
+
+def clipped_surrogate(ratios: jax.Array, advantages: jax.Array, valid: jax.Array,
+                      clip_eps: float = 0.2) -> tuple[jax.Array, jax.Array]:
+    """Mean over valid regions of the clipped surrogate, and the fraction of clipped regions."""
+    obj, clipped = clipped_surrogate_terms(ratios, advantages, valid, clip_eps)
+    n = jnp.maximum(jnp.sum(jnp.asarray(valid, jnp.float32)), 1.0)
+    return jnp.sum(obj) / n, jnp.sum(clipped) / n
+
+
+def gaussian_kl(fused: jax.Array, fused_ref: jax.Array, sigma: float = 1.0) -> jax.Array:
+    """KL(N(F, sigma^2) || N(F_ref, sigma^2)) per pixel, averaged: mean((F - F_ref)^2) / (2 sigma^2)."""
+    d = fused.astype(jnp.float32) - jax.lax.stop_gradient(fused_ref).astype(jnp.float32)
+    return jnp.mean(d * d) / (2.0 * sigma * sigma)
+
+
+def advantage_stats(advantages: jax.Array, valid: jax.Array) -> dict:
+    """Mean, std, min, max of the advantages over valid slots and the mean group size."""
+    valid = jnp.asarray(valid, bool)
+    v = valid.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(v), 1.0)
+    mean = jnp.sum(jnp.where(valid, advantages, 0.0)) / n
+    var = jnp.sum(jnp.where(valid, (advantages - mean) ** 2, 0.0)) / n
+    big = jnp.finfo(jnp.float32).max
+    return {"adv_mean": mean, "adv_std": jnp.sqrt(var),
+            "adv_min": jnp.min(jnp.where(valid, advantages, big)),
+            "adv_max": jnp.max(jnp.where(valid, advantages, -big)),
+            "regions_per_image": jnp.mean(jnp.sum(v, axis=-1))}

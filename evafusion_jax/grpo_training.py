@@ -1,0 +1,303 @@
+"""Training state and jitted, data-parallel update steps for fine-tuning DCEvo.
+
+Three objectives (``TrainHParams.objective``):
+
+* ``"grpo"``: region-level GRPO (EVAFusion). Per pair, the policy DCEvo (params
+  theta) fuses F; every valid region k gets the reward s_k = R(F * M_k, i, v)
+  (no gradient); advantages are standardised within the pair's group of valid
+  regions; the region ratio r_k = 1 + alpha |F - F_old|_{1,M_k} / (|F_old|_{1,M_k} + eps)
+  compares F with the fused image of the lagging snapshot theta_old; the loss is
+  -mean_valid min(r A, clip(r, 1 - eps, 1 + eps) A) + beta KL(F || F_ref) with F_ref
+  from the frozen initial network. Optional auxiliary fusion losses (weights
+  ``grpo_fusion_weight`` etc.) regularise it.
+* ``"direct"``: the released fine-tuning (reward_final.py): maximise the weighted
+  reward of the whole fused image by backpropagating through the frozen reward
+  model, plus the fusion loss, the decomposition loss and the pseudo-fusion MSE
+  with the released weights (0.5, 1, 2, 100).
+* ``"fusion"``: only the unsupervised fusion + decomposition losses (no reward
+  model): trains DCEvo from scratch or warms it up.
+
+theta_old: after the update of step s, when (s + 1) % old_policy_interval == 0,
+theta_old becomes the parameters from *before* that update, so it always lags the
+current parameters by at least one update (with theta_old == theta the ratio's
+gradient is exactly zero). At step 0 theta_old is the initial network, so the
+first GRPO step only moves the parameters through the KL/auxiliary terms and the
+weight decay.
+
+Data parallel: the step runs per device shard under ``jax.shard_map`` over the
+``"data"`` mesh axis (:mod:`evafusion_jax.parallel`). Each shard's loss is scaled
+so that the ``psum`` of the shard gradients is the gradient of the global-batch
+loss: the GRPO surrogate is divided by the *global* number of valid regions, and
+per-pixel means by the number of shards. So the step on N devices equals the
+1-device step on the same global batch (up to float summation order). The
+decomposition loss (a ratio of batch means) is computed per shard, as
+``nn.DataParallel`` replicas would; it is therefore not exactly the global one
+for the ``direct``/``fusion`` objectives on several devices.
+
+The train state is a plain dict pytree (Orbax-friendly):
+``{"params", "opt_state", "old_params", "ref_params", "step"}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from evafusion_jax import dcevo, fusion_losses, grpo, parallel
+
+OBJECTIVES = ("grpo", "direct", "fusion")
+AXIS = parallel.DATA_AXIS
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHParams:
+    """Hyper-parameters of the update step (static under jit). Defaults as the issue / release."""
+
+    objective: str = "grpo"
+    # GRPO
+    clip_eps: float = 0.2
+    beta: float = 0.1
+    kl_sigma: float = 1.0
+    ratio_alpha: float = 1.0
+    ratio_eps: float = 1e-6
+    adv_eps: float = 1e-6
+    old_policy_interval: int = 1
+    whole_image_region: bool = False
+    # auxiliary losses in GRPO (0 = off)
+    grpo_fusion_weight: float = 0.0
+    grpo_decomp_weight: float = 0.0
+    grpo_pseudo_weight: float = 0.0
+    # direct / fusion (released weights)
+    reward_loss_weight: float = 0.5
+    fusion_loss_weight: float = 1.0
+    decomp_loss_weight: float = 2.0
+    pseudo_fusion_weight: float = 100.0
+    pseudo_fusion_mode: str = "max"
+    fusion_grad_weight: float = 10.0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.old_policy_interval < 1:
+            raise ValueError(f"old_policy_interval must be >= 1, got {self.old_policy_interval}")
+        if not self.kl_sigma > 0:
+            raise ValueError(f"kl_sigma must be > 0, got {self.kl_sigma}")
+        if self.pseudo_fusion_mode not in fusion_losses.PSEUDO_FUSION_MODES:
+            raise ValueError(f"pseudo_fusion_mode must be one of "
+                             f"{fusion_losses.PSEUDO_FUSION_MODES}, got {self.pseudo_fusion_mode!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "TrainHParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: cfg[k] for k in names if k in cfg})
+
+
+def make_optimizer(learning_rate: float = 1e-4, total_steps: int = 1000,
+                   end_learning_rate: float = 1e-6, weight_decay: float = 0.01,
+                   warmup_steps: int = 0, grad_clip_norm: float = 0.0):
+    """AdamW with cosine decay from ``learning_rate`` to ``end_learning_rate`` over ``total_steps``.
+
+    Returns (optax transformation, schedule).
+    """
+    total_steps = max(int(total_steps), 1)
+    alpha = end_learning_rate / learning_rate if learning_rate > 0 else 0.0
+    if warmup_steps > 0:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
+            end_value=end_learning_rate)
+    else:
+        schedule = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=alpha)
+    parts = []
+    if grad_clip_norm and grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip_norm))
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation,
+                       ref_params: Any = None) -> dict:
+    """The initial train state: theta_old and theta_ref are copies of ``params`` (or ``ref_params``)."""
+    copy = lambda t: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731
+    params = copy(params)
+    return {"params": params, "opt_state": tx.init(params), "old_params": copy(params),
+            "ref_params": copy(params if ref_params is None else ref_params),
+            "step": jnp.zeros((), jnp.int32)}
+
+
+def with_whole_image(masks: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Appends the whole image as one more (valid) region: (B, K+1, H, W), (B, K+1)."""
+    ones = jnp.ones(masks.shape[:1] + (1,) + masks.shape[2:], masks.dtype)
+    return (jnp.concatenate([masks, ones], axis=1),
+            jnp.concatenate([valid, jnp.ones(valid.shape[:1] + (1,), bool)], axis=1))
+
+
+def _num_shards(axis_name):
+    return jax.lax.psum(1, axis_name) if axis_name else 1
+
+
+def _psum(x, axis_name):
+    return jax.lax.psum(x, axis_name) if axis_name else x
+
+
+def _aux_losses(feats, ir, vi, hp: TrainHParams, w_fusion, w_decomp, w_pseudo) -> dict:
+    fused = feats["fused"]
+    out = {}
+    if w_fusion:
+        total, l_in, l_grad = fusion_losses.fusion_loss(vi, ir, fused, hp.fusion_grad_weight)
+        out["fusion_loss"] = (w_fusion, total)
+        out["fusion_intensity"] = (0.0, l_in)
+        out["fusion_gradient"] = (0.0, l_grad)
+    if w_decomp:
+        out["decomp_loss"] = (w_decomp, fusion_losses.decomposition_loss(
+            feats["vi_base"], feats["ir_base"], feats["vi_detail"], feats["ir_detail"]))
+    if w_pseudo:
+        out["pseudo_fusion_loss"] = (w_pseudo, fusion_losses.pseudo_fusion_loss(
+            fused, ir, vi, hp.pseudo_fusion_mode))
+    return out
+
+
+def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
+            hp: TrainHParams, model_config: dcevo.DCEvoConfig, reward_fn: Any = None,
+            axis_name: str | None = None):
+    """This shard's loss (scaled so that psum over shards = global loss) and metrics.
+
+    Metrics come back as (value, reduction) pairs with reduction "sum" (already
+    divided by the global count, so summing over shards gives the global value),
+    "mean" (average over shards), "min" or "max".
+    """
+    ir, vi = batch["ir"], batch["vi"]
+    n_shards = _num_shards(axis_name)
+    feats = dcevo.apply_model(params, ir, vi, model_config)
+    fused = feats["fused"]
+    metrics: dict[str, tuple[jax.Array, str]] = {}
+    loss = 0.0
+
+    if hp.objective == "grpo":
+        masks, valid = batch["masks"].astype(jnp.float32), batch["valid"].astype(bool)
+        if hp.whole_image_region:
+            masks, valid = with_whole_image(masks, valid)
+        fused_old = jax.lax.stop_gradient(
+            dcevo.apply_model(state["old_params"], ir, vi, model_config)["fused"])
+        fused_ref = jax.lax.stop_gradient(
+            dcevo.apply_model(state["ref_params"], ir, vi, model_config)["fused"])
+        rewards, terms = reward_fn.regions(reward_params, fused, ir, vi, masks)
+        adv = grpo.group_advantages(rewards, valid, hp.adv_eps)
+        ratios = grpo.region_ratios(fused, fused_old, masks, hp.ratio_alpha, hp.ratio_eps)
+        obj, clipped = grpo.clipped_surrogate_terms(ratios, adv, valid, hp.clip_eps)
+        vf = valid.astype(jnp.float32)
+        n_global = jnp.maximum(_psum(jnp.sum(vf), axis_name), 1.0)
+        surrogate = jnp.sum(obj) / n_global
+        kl = grpo.gaussian_kl(fused, fused_ref, hp.kl_sigma)
+        loss = -surrogate + hp.beta * kl / n_shards
+        gsum = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_global  # noqa: E731
+        metrics["reward"] = (gsum(rewards), "sum")
+        for name, t in terms.items():
+            metrics[f"reward/{name}"] = (gsum(t), "sum")
+        metrics["surrogate"] = (surrogate, "sum")
+        metrics["kl"] = (kl, "mean")
+        metrics["clip_fraction"] = (jnp.sum(clipped) / n_global, "sum")
+        metrics["ratio_mean"] = (gsum(ratios), "sum")
+        metrics["ratio_max"] = (jnp.max(jnp.where(valid, ratios, 1.0)), "max")
+        metrics["adv_mean"] = (gsum(adv), "sum")
+        metrics["adv_sq"] = (gsum(adv * adv), "sum")
+        big = jnp.float32(3.0e38)
+        metrics["adv_min"] = (jnp.min(jnp.where(valid, adv, big)), "min")
+        metrics["adv_max"] = (jnp.max(jnp.where(valid, adv, -big)), "max")
+        metrics["regions_per_image"] = (jnp.mean(jnp.sum(vf, axis=-1)), "mean")
+        aux = _aux_losses(feats, ir, vi, hp, hp.grpo_fusion_weight, hp.grpo_decomp_weight,
+                          hp.grpo_pseudo_weight)
+    elif hp.objective == "direct":
+        reward, terms = reward_fn.image(reward_params, fused, ir, vi)
+        reward_mean = jnp.mean(reward)
+        loss = -hp.reward_loss_weight * reward_mean / n_shards
+        metrics["reward"] = (reward_mean, "mean")
+        for name, t in terms.items():
+            metrics[f"reward/{name}"] = (jnp.mean(t), "mean")
+        aux = _aux_losses(feats, ir, vi, hp, hp.fusion_loss_weight, hp.decomp_loss_weight,
+                          hp.pseudo_fusion_weight)
+    else:  # fusion
+        aux = _aux_losses(feats, ir, vi, hp, hp.fusion_loss_weight, hp.decomp_loss_weight, 0.0)
+
+    for name, (w, value) in aux.items():
+        loss = loss + w * value / n_shards
+        metrics[name] = (value, "mean")
+    metrics["fused_mean"] = (jnp.mean(fused), "mean")
+    return loss, metrics
+
+
+def _reduce_metrics(metrics, axis_name):
+    out = {}
+    for k, (v, how) in metrics.items():
+        v = jnp.asarray(v, jnp.float32)
+        if axis_name:
+            v = {"sum": jax.lax.psum, "mean": jax.lax.pmean, "min": jax.lax.pmin,
+                 "max": jax.lax.pmax}[how](v, axis_name)
+        out[k] = v
+    if "adv_sq" in out:
+        out["adv_std"] = jnp.sqrt(jnp.maximum(out.pop("adv_sq") - out["adv_mean"] ** 2, 0.0))
+    return out
+
+
+def train_step(state: dict, reward_params: Any, batch: Mapping, *, hp: TrainHParams,
+               model_config: dcevo.DCEvoConfig, tx: optax.GradientTransformation,
+               reward_fn: Any = None, schedule: Callable | None = None,
+               axis_name: str | None = None):
+    """One update (per shard when ``axis_name`` is set); returns (new state, metrics)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state["params"], state, reward_params, batch, hp=hp,
+                                     model_config=model_config, reward_fn=reward_fn,
+                                     axis_name=axis_name)
+    if axis_name:
+        grads = jax.lax.psum(grads, axis_name)
+        loss = jax.lax.psum(loss, axis_name)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    step = state["step"]
+    refresh = (step + 1) % hp.old_policy_interval == 0
+    old = jax.tree_util.tree_map(lambda o, p: jnp.where(refresh, p, o),
+                                 state["old_params"], state["params"])
+    metrics = _reduce_metrics(metrics, axis_name)
+    metrics["loss"] = loss
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
+    new_state = {"params": new_params, "opt_state": opt_state, "old_params": old,
+                 "ref_params": state["ref_params"], "step": step + 1}
+    return new_state, metrics
+
+
+def make_train_step(hp: TrainHParams, model_config: dcevo.DCEvoConfig,
+                    tx: optax.GradientTransformation, reward_fn: Any = None,
+                    mesh=None, schedule: Callable | None = None):
+    """The jitted data-parallel step ``step(state, reward_params, batch) -> (state, metrics)``.
+
+    ``state`` and ``reward_params`` should be replicated on ``mesh``
+    (:func:`parallel.replicate`) and ``batch`` sharded (:func:`parallel.shard_batch`);
+    the global batch size must be a multiple of the number of devices. ``reward_fn`` is
+    needed by "grpo" and "direct" (see :mod:`evafusion_jax.reward_fns`).
+    """
+    if hp.objective in ("grpo", "direct") and reward_fn is None:
+        raise ValueError(f"objective {hp.objective!r} needs a reward function")
+    mesh = parallel.data_mesh() if mesh is None else mesh
+
+    def per_shard(state, reward_params, batch):
+        return train_step(state, reward_params, batch, hp=hp, model_config=model_config, tx=tx,
+                          reward_fn=reward_fn, schedule=schedule, axis_name=AXIS)
+
+    return parallel.data_parallel(per_shard, mesh, batch_argnums=(2,), check_vma=False)
+
+
+def make_eval_fn(model_config: dcevo.DCEvoConfig, reward_fn: Any = None, mesh=None):
+    """Jitted ``fn(params, reward_params, batch) -> {"fused", "reward" (B,K)}`` (not sharded)."""
+    def fn(params, reward_params, batch):
+        fused = dcevo.apply_model(params, batch["ir"], batch["vi"], model_config)["fused"]
+        out = {"fused": fused}
+        if reward_fn is not None and "masks" in batch:
+            out["reward"] = reward_fn.regions(reward_params, fused, batch["ir"], batch["vi"],
+                                              batch["masks"].astype(jnp.float32))[0]
+        return out
+    return jax.jit(fn)

@@ -1,0 +1,297 @@
+"""Reading, writing and colour-converting fusion images.
+
+Every reader returns ``float32`` arrays of shape ``(H, W, C)`` with values in
+``[0, 1]`` and ``C`` in ``{1, 3}``, whatever the file stored:
+
+* 8-bit images (``L``, ``RGB``, ``P``, ``1``, ``CMYK``, ...) are divided by 255;
+* 16-bit images (``I;16`` PNG/TIFF, common for thermal cameras) by 65535;
+  32-bit integer images (Pillow mode ``I``, which is how Pillow opens some
+  16-bit PNGs) are divided by 65535 when their values fit in 16 bits, else by
+  their own maximum; float images (mode ``F``) are taken as ``[0, 1]`` when
+  their maximum is at most 1, else divided by 255 or 65535, the smallest that
+  fits, and clipped;
+* palette images are expanded through their palette;
+* alpha channels (``RGBA``, ``LA``, palettes with transparency) are dropped:
+  the colour values are used as stored, not composited.
+
+Colour conventions follow the DCEvo release (its ``tocolor.py`` uses Pillow's
+``YCbCr`` mode, i.e. full-range ITU-R BT.601 / JPEG YCbCr):
+
+    Y  = 0.299 R + 0.587 G + 0.114 B
+    Cb = 0.5 + (-0.168736 R - 0.331264 G + 0.5 B)
+    Cr = 0.5 + ( 0.5 R - 0.418688 G - 0.081312 B)
+
+with R, G, B, Y in ``[0, 1]`` and the chroma offset 128/255 (Pillow's integer
+offset 128 on the 0-255 scale). The conversions here are exact floating-point
+versions; Pillow's own integer arithmetic differs by at most one 8-bit level.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Full-range BT.601 (JPEG) coefficients, as Pillow's "YCbCr" mode.
+_CHROMA_OFFSET = 128.0 / 255.0
+_RGB_TO_YCBCR = np.array([
+    [0.299, 0.587, 0.114],
+    [-0.168736, -0.331264, 0.5],
+    [0.5, -0.418688, -0.081312],
+], dtype=np.float64)
+_YCBCR_TO_RGB = np.array([
+    [1.0, 0.0, 1.402],
+    [1.0, -0.344136, -0.714136],
+    [1.0, 1.772, 0.0],
+], dtype=np.float64)
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image."""
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder`` (by extension, sorted by name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist or is not a folder")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def _pil_to_array(img: Image.Image, path: str) -> np.ndarray:
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La", "PA"):
+        img = img.convert("RGB" if mode not in ("1", "La") else "L")
+        mode = img.mode
+    if mode == "LA":
+        arr = np.asarray(img)[..., :1].astype(np.float32) / 255.0
+    elif mode == "RGBA":
+        arr = np.asarray(img)[..., :3].astype(np.float32) / 255.0
+    elif mode in ("L", "RGB"):
+        arr = np.asarray(img).astype(np.float32) / 255.0
+    elif mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+    elif mode == "I":
+        raw = np.asarray(img).astype(np.float64)
+        if raw.size and raw.min() < 0:
+            raise ImageReadError(f"{path}: 32-bit integer image with negative values is not supported")
+        peak = 65535.0 if (raw.size == 0 or raw.max() <= 65535) else float(raw.max())
+        arr = (raw / peak).astype(np.float32)
+    elif mode == "F":
+        raw = np.asarray(img).astype(np.float64)
+        peak = float(np.nanmax(raw)) if raw.size else 1.0
+        scale = 1.0 if peak <= 1.0 else (255.0 if peak <= 255.0 else 65535.0)
+        arr = np.clip(raw / scale, 0.0, 1.0).astype(np.float32)
+    else:
+        raise ImageReadError(f"{path}: unsupported image mode {mode!r}; convert it to an 8- or 16-bit PNG")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return np.ascontiguousarray(arr)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file as ``float32 (H, W, C)`` in ``[0, 1]``, ``C`` 1 or 3 (see module doc)."""
+    path = str(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_array(img, path)
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise ImageReadError(f"cannot read image {path!r}: {e}") from e
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image from its header, without decoding the pixels."""
+    path = str(path)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path!r}: {e}") from e
+    return h, w
+
+
+def is_color(image: np.ndarray, tol: float = 1.0 / 512) -> bool:
+    """True when ``image`` has 3 channels that are not all equal (a grey image stored as RGB is not colour)."""
+    if image.ndim != 3 or image.shape[-1] != 3:
+        return False
+    return bool(np.max(np.abs(image[..., 0] - image[..., 1])) > tol
+                or np.max(np.abs(image[..., 0] - image[..., 2])) > tol)
+
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` RGB in [0, 1] -> full-range BT.601 YCbCr in [0, 1] (chroma offset 128/255)."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"rgb_to_ycbcr expects 3 channels in the last axis, got shape {rgb.shape}")
+    out = rgb @ _RGB_TO_YCBCR.T
+    out[..., 1:] += _CHROMA_OFFSET
+    return out.astype(np.float32)
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_ycbcr`, clipped to [0, 1]."""
+    ycbcr = np.asarray(ycbcr, dtype=np.float64).copy()
+    if ycbcr.shape[-1] != 3:
+        raise ValueError(f"ycbcr_to_rgb expects 3 channels in the last axis, got shape {ycbcr.shape}")
+    ycbcr[..., 1:] -= _CHROMA_OFFSET
+    return np.clip(ycbcr @ _YCBCR_TO_RGB.T, 0.0, 1.0).astype(np.float32)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` or ``(H, W)`` in [0, 1] -> ``(H, W, 1)`` luma (BT.601 Y for 3 channels)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        return image[..., None]
+    if image.shape[-1] == 1:
+        return image
+    if image.shape[-1] == 3:
+        return (image.astype(np.float64) @ _RGB_TO_YCBCR[0])[..., None].astype(np.float32)
+    raise ValueError(f"expected 1 or 3 channels, got shape {image.shape}")
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resampling of an ``(H, W, C)`` float image (per channel, Pillow ``F`` mode), clipped to [0, 1]."""
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
+                        .resize((width, height), Image.BICUBIC)) for c in range(image.shape[-1])]
+    return np.clip(np.stack(chans, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 with rounding (values outside [0, 1] are clipped)."""
+    return np.round(np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def save_image(path: str | os.PathLike, image: np.ndarray, bit_depth: int = 8) -> Path:
+    """Writes an ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` [0, 1] image atomically (temp file + rename).
+
+    ``bit_depth`` 8 (any format Pillow writes) or 16 (grey PNG/TIFF only).
+    The format follows the file extension.
+    """
+    path = Path(path)
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] != 3):
+        raise ValueError(f"cannot save an image of shape {image.shape} to {path}")
+    if bit_depth == 8:
+        pil = Image.fromarray(to_uint8(image))
+    elif bit_depth == 16:
+        if image.ndim != 2 or path.suffix.lower() not in (".png", ".tif", ".tiff"):
+            raise ValueError("16-bit output is supported for grey PNG/TIFF only")
+        arr = np.round(np.clip(image.astype(np.float64), 0, 1) * 65535.0).astype(np.uint16)
+        pil = Image.fromarray(arr)
+    else:
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        pil.save(tmp, format=Image.registered_extensions().get(path.suffix.lower()))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class PairingError(ValueError):
+    """Files in paired folders do not correspond one to one."""
+
+
+def pair_files(folders: dict[str, str | os.PathLike], max_listed: int = 20) -> list[tuple[str, dict[str, Path]]]:
+    """Matches image files across folders by file stem (``01.png`` pairs with ``01.jpg``).
+
+    Args:
+      folders: role -> folder, e.g. ``{"ir": ..., "vi": ...}``.
+      max_listed: how many unmatched names to list per folder in the error message.
+
+    Returns:
+      ``[(stem, {role: path})]`` sorted by stem.
+
+    Raises:
+      PairingError: a folder has no images, two files in one folder share a stem,
+        or some stems are missing from some folders (all of them are listed).
+    """
+    stems: dict[str, dict[str, Path]] = {}
+    problems = []
+    for role, folder in folders.items():
+        files = list_images(folder)
+        if not files:
+            problems.append(f"{role} folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        seen: dict[str, Path] = {}
+        for f in files:
+            if f.stem in seen:
+                problems.append(f"{role} folder has two files with the stem {f.stem!r}: {seen[f.stem].name}, {f.name}")
+            seen[f.stem] = f
+        stems[role] = seen
+    if problems:
+        raise PairingError("; ".join(problems))
+    all_stems = sorted(set().union(*[set(s) for s in stems.values()]))
+    missing = {role: [s for s in all_stems if s not in stems[role]] for role in folders}
+    if any(missing.values()):
+        lines = []
+        for role, names in missing.items():
+            if names:
+                shown = ", ".join(names[:max_listed]) + (f", ... ({len(names)} in all)" if len(names) > max_listed else "")
+                lines.append(f"  missing in {role} folder {str(folders[role])!r}: {shown}")
+        raise PairingError("some images have no counterpart (files are paired by name without extension):\n"
+                           + "\n".join(lines))
+    return [(s, {role: stems[role][s] for role in folders}) for s in all_stems]
+
+
+class OutputFolderError(ValueError):
+    """The requested output folder cannot be used."""
+
+
+def check_output_dir(out: str | os.PathLike, inputs=(), overwrite: bool = False) -> Path:
+    """Refuses an output folder that is (inside) an input folder, is a file, or is non-empty without ``overwrite``."""
+    out = Path(out)
+    out_r = out.resolve()
+    for d in inputs:
+        d = Path(d).resolve()
+        if out_r == d or d in out_r.parents:
+            raise OutputFolderError(f"output folder {str(out)!r} must not be (inside) the input folder {str(d)!r}")
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputFolderError(f"output folder {str(out)!r} exists and is not empty; choose another output "
+                                "folder or pass --overwrite to replace it")
+    return out
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh temporary folder next to ``out`` (same file system), to be moved there by :func:`commit_dir`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def commit_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Moves the finished staging folder ``tmp`` to ``out``, replacing what is there (by renames)."""
+    import shutil
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out

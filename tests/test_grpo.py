@@ -1,0 +1,95 @@
+"""GRPO math against hand-computed values (evafusion_jax.grpo)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evafusion_jax import grpo
+
+
+def test_group_advantages_hand_values_and_masking():
+    rewards = jnp.array([[1.0, 2.0, 3.0, 100.0],
+                         [5.0, 5.0, 5.0, 5.0],
+                         [0.0, 7.0, -1.0, 2.0]])
+    valid = jnp.array([[True, True, True, False],
+                       [True, True, True, True],
+                       [False, True, False, False]])
+    adv = np.asarray(grpo.group_advantages(rewards, valid, eps=0.0))
+    s = np.sqrt(2.0 / 3.0)  # population std of 1, 2, 3
+    np.testing.assert_allclose(adv[0], [-1 / s, 0.0, 1 / s, 0.0], rtol=1e-6)
+    # zero spread -> zero advantages (not NaN); single valid region -> zero
+    np.testing.assert_array_equal(adv[1], 0.0)
+    np.testing.assert_array_equal(adv[2], 0.0)
+    assert np.all(np.isfinite(adv))
+
+
+def test_group_advantages_eps_and_nearly_equal_values():
+    adv = grpo.group_advantages(jnp.array([[0.1, 0.1 + 1e-9, 0.1]]), jnp.ones((1, 3), bool))
+    np.testing.assert_array_equal(np.asarray(adv), 0.0)
+    adv = np.asarray(grpo.group_advantages(jnp.array([[0.0, 2.0]]), jnp.ones((1, 2), bool), eps=1.0))
+    np.testing.assert_allclose(adv, [[-0.5, 0.5]])  # (s - 1) / (1 + 1)
+
+
+def test_region_ratios_hand_values():
+    f_old = jnp.array([[[[0.5], [0.25]], [[1.0], [0.0]]]])  # (1, 2, 2, 1)
+    f_new = f_old + jnp.array([[[[0.1], [-0.05]], [[0.0], [0.2]]]])
+    masks = jnp.array([[[[1, 1], [0, 0]], [[0, 0], [1, 1]]]], jnp.float32)  # top row, bottom row
+    r = np.asarray(grpo.region_ratios(f_new, f_old, masks, alpha=2.0, eps=0.0))
+    np.testing.assert_allclose(r, [[1 + 2 * 0.15 / 0.75, 1 + 2 * 0.2 / 1.0]], rtol=1e-5)
+
+
+def test_ratio_gradient_zero_without_lag_and_nonzero_with_lag():
+    rng = np.random.default_rng(0)
+    f = jnp.asarray(rng.random((1, 4, 4, 1)), jnp.float32)
+    masks = jnp.ones((1, 1, 4, 4), jnp.float32)
+    g_same = jax.grad(lambda x: grpo.region_ratios(x, f, masks).sum())(f)
+    np.testing.assert_array_equal(np.asarray(g_same), 0.0)
+    g_lag = jax.grad(lambda x: grpo.region_ratios(x, f - 0.01, masks).sum())(f)
+    assert np.all(np.abs(np.asarray(g_lag)) > 0)
+
+
+def test_clipped_surrogate_hand_values():
+    r = jnp.array([[1.5, 1.1, 1.5, 0.5, 1.0]])
+    a = jnp.array([[1.0, 2.0, -1.0, -2.0, 3.0]])
+    valid = jnp.array([[True, True, True, True, False]])
+    obj, clipped = grpo.clipped_surrogate_terms(r, a, valid, clip_eps=0.2)
+    # min(1.5, 1.2) = 1.2 (clipped); min(2.2, 2.2) = 2.2; min(-1.5, -1.2) = -1.5;
+    # min(-1.0, -1.6) = -1.6 (clipped); invalid -> 0
+    np.testing.assert_allclose(np.asarray(obj), [[1.2, 2.2, -1.5, -1.6, 0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(clipped), [[1, 0, 0, 1, 0]])
+    mean, frac = grpo.clipped_surrogate(r, a, valid, clip_eps=0.2)
+    assert float(mean) == pytest.approx((1.2 + 2.2 - 1.5 - 1.6) / 4, rel=1e-6)
+    assert float(frac) == pytest.approx(0.5)
+
+
+def test_gaussian_kl_hand_value():
+    f = jnp.array([[[[0.5], [0.0]]]])
+    ref = jnp.array([[[[0.0], [0.0]]]])
+    assert float(grpo.gaussian_kl(f, ref, sigma=0.5)) == pytest.approx(0.125 / (2 * 0.25))
+
+
+def test_aggregate_reward_released_weights_and_ablations():
+    scores = {"Texture_Preservation": jnp.array([0.5]), "Thermal_Retention": jnp.array([0.25]),
+              "Sharpness": jnp.array([1.0]), "Artifacts": jnp.array([0.8]),
+              "Overall_Score": jnp.array([0.0])}
+    hm = jnp.zeros((1, 4, 4)).at[0, :2, :].set(0.9)  # half the pixels above 0.5
+    total, terms = grpo.aggregate_reward(scores, {"artifact_heatmap": hm})
+    expected = 2 * 0.5 + 1 * 0.25 + 2 * 1.0 + 0.5 * (1 + 0.5) * 0.8
+    assert float(total[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(terms["artifact_area"][0]) == pytest.approx(0.5)
+    no_hm, _ = grpo.aggregate_reward(scores, {"artifact_heatmap": hm},
+                                     grpo.RewardWeights(use_heatmap=False))
+    assert float(no_hm[0]) == pytest.approx(expected - 0.5 * 0.5 * 0.8, rel=1e-6)
+    hm_only, _ = grpo.aggregate_reward(scores, {"artifact_heatmap": hm},
+                                       grpo.RewardWeights(use_scores=False))
+    assert float(hm_only[0]) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="unknown reward weight"):
+        grpo.RewardWeights.from_dict({"texure": 1.0})
+
+
+def test_advantage_stats():
+    adv = jnp.array([[1.0, -1.0, 5.0]])
+    st = grpo.advantage_stats(adv, jnp.array([[True, True, False]]))
+    assert float(st["adv_mean"]) == 0.0 and float(st["adv_std"]) == pytest.approx(1.0)
+    assert float(st["adv_max"]) == 1.0 and float(st["regions_per_image"]) == 2.0

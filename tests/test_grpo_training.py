@@ -1,0 +1,192 @@
+"""GRPO / direct / fusion update steps (evafusion_jax.grpo_training): gradients, learning,
+data parallelism on 4 fake CPU devices and over 2 processes (jax.distributed)."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns
+
+CFG = dcevo.DCEvoConfig.tiny()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _batch(seed=0, b=2, h=16, k=4):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((b, k, h, h), np.float32)
+    half = h // 2
+    for j in range(k):  # 2 x 2 quadrants
+        masks[:, j, (j // 2) * half:(j // 2 + 1) * half, (j % 2) * half:(j % 2 + 1) * half] = 1
+    valid = np.ones((b, k), bool)
+    valid[-1, -1] = False
+    masks[-1, -1] = 0
+    return {"ir": rng.random((b, h, h, 1)).astype(np.float32),
+            "vi": rng.random((b, h, h, 1)).astype(np.float32), "masks": masks, "valid": valid}
+
+
+def test_surrogate_gradient_is_zero_without_lag_and_nonzero_with_lag():
+    params = dcevo.init_params(CFG, jax.random.PRNGKey(0))
+    hp = gt.TrainHParams(objective="grpo", beta=0.0)
+    batch = jax.tree_util.tree_map(jnp.asarray, _batch())
+    rf = reward_fns.ContrastReward()
+
+    @jax.jit
+    def grads(old):
+        state = {"old_params": old, "ref_params": params}
+        return jax.grad(lambda p: gt.loss_fn(p, state, {}, batch, hp=hp, model_config=CFG,
+                                             reward_fn=rf)[0])(params)
+
+    same = jax.tree_util.tree_leaves(grads(params))
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in same)
+    lagging = jax.tree_util.tree_map(lambda x: x * 0.98, params)
+    g = jax.tree_util.tree_leaves(grads(lagging))
+    assert sum(float(jnp.abs(x).sum()) for x in g) > 0
+
+
+@pytest.mark.parametrize("objective", ["grpo", "direct"])
+def test_objectives_raise_the_mean_reward(objective):
+    params = dcevo.init_params(CFG, jax.random.PRNGKey(1))
+    rf = reward_fns.ContrastReward()
+    hp = gt.TrainHParams(objective=objective, beta=0.01, reward_loss_weight=1.0,
+                         fusion_loss_weight=0.0, decomp_loss_weight=0.0, pseudo_fusion_weight=0.0)
+    steps = 24
+    tx, sched = gt.make_optimizer(2e-3, steps, weight_decay=0.01)
+    mesh = parallel.data_mesh()
+    step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
+    state = parallel.replicate(gt.create_train_state(params, tx), mesh)
+    batches = [_batch(s) for s in range(3)]
+    evaluate = gt.make_eval_fn(CFG, rf)
+
+    def mean_reward(p):
+        return float(np.mean([np.asarray(evaluate(p, {}, b)["reward"])[b["valid"]].mean()
+                              for b in batches]))
+
+    before = mean_reward(params)
+    for i in range(steps):
+        state, m = step(state, {}, parallel.shard_batch(batches[i % 3], mesh))
+    assert np.isfinite(float(m["loss"]))
+    after = mean_reward(parallel.unreplicate(state["params"]))
+    assert after > before * 1.05, (before, after)
+    if objective == "grpo":
+        assert 0.0 <= float(m["clip_fraction"]) <= 1.0
+        assert float(m["regions_per_image"]) == pytest.approx(3.5)
+        # theta_old lags theta by one update
+        assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(
+            jax.tree_util.tree_leaves(state["old_params"]),
+            jax.tree_util.tree_leaves(state["params"])))
+
+
+def test_fusion_objective_needs_no_reward_and_lowers_fusion_loss():
+    params = dcevo.init_params(CFG, jax.random.PRNGKey(2))
+    hp = gt.TrainHParams(objective="fusion")
+    tx, _ = gt.make_optimizer(2e-3, 12)
+    mesh = parallel.data_mesh()
+    step = gt.make_train_step(hp, CFG, tx, None, mesh)
+    state = parallel.replicate(gt.create_train_state(params, tx), mesh)
+    b = parallel.shard_batch(_batch(5), mesh)
+    losses = []
+    for _ in range(12):
+        state, m = step(state, {}, b)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="needs a reward function"):
+        gt.make_train_step(gt.TrainHParams(objective="grpo"), CFG, tx, None, mesh)
+    with pytest.raises(ValueError, match="objective"):
+        gt.TrainHParams(objective="ppo")
+
+
+WORKER = textwrap.dedent('''
+    import sys, numpy as np
+    mode, out = sys.argv[1], sys.argv[2]
+    import jax
+    if mode == "dist":
+        from evafusion_jax import parallel
+        parallel.maybe_initialize_distributed(f"127.0.0.1:{sys.argv[3]}", 2, int(sys.argv[4]))
+    from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns
+    sys.path.insert(0, sys.argv[-1])
+    from test_grpo_training import _batch, CFG
+    params = dcevo.init_params(CFG, jax.random.PRNGKey(3))
+    hp = gt.TrainHParams(objective="grpo", beta=0.1, whole_image_region=True)
+    tx, sched = gt.make_optimizer(1e-3, 3)
+    rf = reward_fns.ContrastReward()
+    batches = [_batch(s, b=4) for s in range(3)]
+
+    def run(mesh, local_rows):
+        step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
+        state = parallel.replicate(gt.create_train_state(params, tx), mesh)
+        for b in batches:
+            local = {k: v[local_rows] for k, v in b.items()}
+            state, m = step(state, {}, parallel.shard_batch(local, mesh))
+        return parallel.unreplicate(state["params"]), float(parallel.unreplicate(m["loss"]))
+
+    if mode == "local4":
+        p4, l4 = run(parallel.data_mesh(), slice(None))
+        p1, l1 = run(parallel.data_mesh(jax.devices()[:1]), slice(None))
+        flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+        np.savez(out, p4=flat(p4), p1=flat(p1), l4=l4, l1=l1, n=jax.device_count())
+    else:
+        pid = jax.process_index()
+        p, l = run(parallel.data_mesh(), slice(2 * pid, 2 * pid + 2))
+        flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+        np.savez(out, p=flat(p), l=l, n=jax.device_count())
+''')
+
+
+def _env(n_devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={n_devices}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory):
+    """4 fake devices and 1 device on the same global batches (one subprocess)."""
+    d = tmp_path_factory.mktemp("dp")
+    script = d / "worker.py"
+    script.write_text(WORKER)
+    out = d / "local4.npz"
+    r = subprocess.run([sys.executable, str(script), "local4", str(out),
+                        str(Path(__file__).parent)], env=_env(4), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return script, dict(np.load(out))
+
+
+def test_four_devices_equal_one_device(single_process_reference):
+    _, ref = single_process_reference
+    assert int(ref["n"]) == 4
+    np.testing.assert_allclose(ref["p4"], ref["p1"], atol=2e-5, rtol=1e-4)
+    assert float(ref["l4"]) == pytest.approx(float(ref["l1"]), rel=1e-4, abs=1e-6)
+
+
+def test_two_processes_equal_one_process(single_process_reference, tmp_path):
+    script, ref = single_process_reference
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, outs = [], []
+    for pid in range(2):
+        out = tmp_path / f"dist{pid}.npz"
+        outs.append(out)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), "dist", str(out), str(port), str(pid),
+             str(Path(__file__).parent)], env=_env(2), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    for out in outs:
+        got = dict(np.load(out))
+        assert int(got["n"]) == 4
+        np.testing.assert_allclose(got["p"], ref["p1"], atol=2e-5, rtol=1e-4)

@@ -1,0 +1,98 @@
+"""The train_grpo CLI: kill-and-resume equality, NaN stop, export, config errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evafusion_jax import checkpoints, synthetic, train_grpo
+from evafusion_jax import train_utils as tu
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--config.dcevo.dim=8", "--config.dcevo.num_blocks=1", "--config.dcevo.c2f_n=1",
+        "--config.dcevo.detail_layers=1", "--config.dcevo.heads=2"]
+
+
+def _args(data, workdir, *extra):
+    return (["--config", str(REPO / "configs" / "grpo.py"), f"--config.data.data_dir={data}",
+             "--config.data.region_source=grid", "--config.data.crop_size=16",
+             "--config.data.num_regions=4", "--config.reward_kind=contrast",
+             "--config.max_steps=4", "--config.checkpoint_every_steps=2",
+             "--config.log_every_steps=1", "--config.image_every_steps=0",
+             "--config.learning_rate=1e-3", "--config.progress=False",
+             f"--config.workdir={workdir}"] + TINY + list(extra))
+
+
+def _run(args, cache):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    # the runs compile the same step: share a persistent compilation cache
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return subprocess.run([sys.executable, "-m", "evafusion_jax.train_grpo"] + args, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs") / "data"
+    synthetic.write_pairs_folder(d, 4, 24, 24, 0)
+    return d
+
+
+def test_kill_and_resume_gives_identical_parameters(data, tmp_path):
+    cache = tmp_path / "jax_cache"
+    full = _run(_args(data, tmp_path / "full"), cache)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _run(_args(data, tmp_path / "resumed", "--config.debug_exit_at_step=1"), cache)
+    assert killed.returncode == 75, killed.stderr[-3000:]
+    assert not (tmp_path / "resumed" / "dcevo_final").exists()
+    assert tu.TrainCheckpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 2
+    resumed = _run(_args(data, tmp_path / "resumed"), cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, cfg_a = checkpoints.load_params(tmp_path / "full" / "dcevo_final", expected_kind="dcevo")
+    b, _ = checkpoints.load_params(tmp_path / "resumed" / "dcevo_final", expected_kind="dcevo")
+    for x, y in zip(*(sorted(_flat(t).items()) for t in (a, b))):
+        assert x[0] == y[0]
+        np.testing.assert_array_equal(x[1], y[1])
+    assert cfg_a["dim"] == 8
+    logs = tu.read_jsonl(tmp_path / "full" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    for key in ("reward", "kl", "clip_fraction", "adv_std", "reward/contrast", "loss"):
+        assert key in logs[-1]
+
+    # NaN at step 3 (0-based 2): the run stops with an error, the step-2 checkpoint is kept
+    nan_dir = tmp_path / "nan"
+    bad = _run(_args(data, nan_dir, "--config.debug_nan_at_step=2",
+                     "--config.checkpoint_every_steps=1"), cache)
+    assert bad.returncode == 1
+    assert "non-finite" in bad.stderr
+    assert tu.TrainCheckpointer(nan_dir / "checkpoints").latest_step() == 2
+    assert not (nan_dir / "dcevo_final").exists()
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = np.asarray(v)
+    return out
+
+
+def test_config_errors_name_the_field(data, tmp_path):
+    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.objective=ppo"),
+                              str(REPO / "configs" / "grpo.py"))
+    with pytest.raises(train_grpo.ConfigError, match="objective"):
+        train_grpo.train(cfg)
+    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.reward_kind=model"),
+                              str(REPO / "configs" / "grpo.py"))
+    with pytest.raises(train_grpo.ConfigError, match="reward_checkpoint"):
+        train_grpo.train(cfg)
+    assert not (tmp_path / "w").exists()
