@@ -42,6 +42,9 @@ def get_config():
     c.clip_eps = 0.2
     c.beta = 0.1
     c.kl_sigma = 1.0
+    c.ratio = "l1"                  # l1 (paper) | gaussian (sampled exploration; our addition)
+    c.exploration_std = 0.05        # sigma of the gaussian ratio's sampled actions
+    c.noise_seed = 0
     c.ratio_alpha = 1.0
     c.ratio_eps = 1e-6
     c.adv_eps = 1e-6

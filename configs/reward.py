@@ -17,7 +17,7 @@ def get_config():
     c.workdir = "runs/reward"     # checkpoints/, best_model/, final_model/, logs/
     c.seed = 0
 
-    # Model. preset: released (ViT-L/16-384) | vit_b16_224 | tiny | from_checkpoint
+    # Model. preset: released (ViT-L/16-384) | vit_b16_224 | tiny | small | from_checkpoint
     # (from_checkpoint takes the architecture of init_checkpoint, kind "reward").
     c.model = ml_collections.ConfigDict()
     c.model.preset = "released"

@@ -120,11 +120,13 @@ def _sobel_edge(x: jax.Array) -> jax.Array:
 
 def pseudo_fusion_target(ir: jax.Array, vi: jax.Array, mode: str = "max",
                          radius: int = 3) -> jax.Array:
-    """Our pseudo-fused target (B, H, W, 1) in [0, 1] (the release's pseudo_fuse_cuda is unpublished).
+    """Our pseudo-fused target (B, H, W, 1) in [0, 1] (the release's pseudo_fuse_cuda is
+    unpublished).
 
     ``"max"``: max(ir, Y_vi) per pixel. ``"saliency"``: w * ir + (1 - w) * Y_vi with
-    w = (g_ir + 1e-3) / (g_ir + g_vi + 2e-3), g = box-blurred (radius) Sobel magnitude (edge padding); where both are
-    flat (g_ir = g_vi = 0) it is the average. No gradient flows into the target.
+    w = (g_ir + 1e-3) / (g_ir + g_vi + 2e-3), g = box-blurred (radius) Sobel magnitude
+    (edge padding); where both are flat (g_ir = g_vi = 0) it is the average. No
+    gradient flows into the target.
     """
     ir = ir.astype(jnp.float32)
     y = _luma(vi)

@@ -193,6 +193,25 @@ def region_ratios(fused: jax.Array, fused_old: jax.Array, masks: jax.Array,
     return 1.0 + alpha * num / (den + eps)
 
 
+def gaussian_region_ratios(fused: jax.Array, fused_old: jax.Array, actions: jax.Array,
+                           masks: jax.Array, sigma: float) -> jax.Array:
+    """Likelihood ratio of each region's sampled action under N(F, sigma^2) vs N(F_old, sigma^2).
+
+    r_k = exp(mean over M_k of [(a - F_old)^2 - (a - F)^2] / (2 sigma^2)), (B, K); the
+    per-pixel log-ratio is averaged over the region (a per-pixel-normalised ratio, so
+    that large regions do not saturate the clipping). ``fused_old`` and ``actions``
+    are constants. r = 1 when F = F_old, with a non-zero gradient (a - F) / sigma^2.
+    """
+    fused_old = jax.lax.stop_gradient(fused_old).astype(jnp.float32)
+    actions = jax.lax.stop_gradient(actions).astype(jnp.float32)
+    fused = fused.astype(jnp.float32)
+    d = jnp.sum((actions - fused_old) ** 2 - (actions - fused) ** 2, axis=-1)  # (B, H, W)
+    m = masks.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m, axis=(-2, -1)), 1.0)
+    log_r = jnp.einsum("bhw,bkhw->bk", d, m) / n / (2.0 * sigma * sigma)
+    return jnp.exp(log_r)
+
+
 def clipped_surrogate_terms(ratios: jax.Array, advantages: jax.Array, valid: jax.Array,
                             clip_eps: float = 0.2):
     """Per-region min(r A, clip(r, 1 - eps, 1 + eps) A) and a per-region "clipped" flag.

@@ -24,6 +24,15 @@ gradient is exactly zero). At step 0 theta_old is the initial network, so the
 first GRPO step only moves the parameters through the KL/auxiliary terms and the
 weight decay.
 
+The L1 region ratio carries no information about WHICH change of F improves the
+reward (its gradient is alpha sign(F - F_old) / |F_old|, weighted by relative
+advantages of different regions); in our tests it does not raise the reward by
+itself. ``ratio="gaussian"`` (our addition, not in the paper) treats the policy as
+the Gaussian N(F, sigma^2) that the KL term already assumes: actions
+a = F_old + sigma * noise are sampled, the regions of a are scored, and
+r_k = exp(mean_{M_k}[(a - F_old)^2 - (a - F)^2] / (2 sigma^2)); the clipped
+surrogate with group advantages is then a proper policy gradient.
+
 Data parallel: the step runs per device shard under ``jax.shard_map`` over the
 ``"data"`` mesh axis (:mod:`evafusion_jax.parallel`). Each shard's loss is scaled
 so that the ``psum`` of the shard gradients is the gradient of the global-batch
@@ -62,6 +71,9 @@ class TrainHParams:
     clip_eps: float = 0.2
     beta: float = 0.1
     kl_sigma: float = 1.0
+    ratio: str = "l1"               # l1 (EVAFusion) | gaussian (exploration; our addition)
+    exploration_std: float = 0.05   # sigma of the "gaussian" ratio's sampled actions
+    noise_seed: int = 0
     ratio_alpha: float = 1.0
     ratio_eps: float = 1e-6
     adv_eps: float = 1e-6
@@ -82,6 +94,10 @@ class TrainHParams:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.ratio not in ("l1", "gaussian"):
+            raise ValueError(f"ratio must be 'l1' or 'gaussian', got {self.ratio!r}")
+        if self.ratio == "gaussian" and not self.exploration_std > 0:
+            raise ValueError(f"exploration_std must be > 0, got {self.exploration_std}")
         if self.old_policy_interval < 1:
             raise ValueError(f"old_policy_interval must be >= 1, got {self.old_policy_interval}")
         if not self.kl_sigma > 0:
@@ -160,6 +176,33 @@ def _aux_losses(feats, ir, vi, hp: TrainHParams, w_fusion, w_decomp, w_pseudo) -
     return out
 
 
+def _sample_noise(step, seed, shape, axis_name):
+    """N(0, 1) noise (B, H, W, C) for this shard; sample i of the global batch always gets the
+    same noise (keyed by seed, step and global index), whatever the number of shards."""
+    b = shape[0]
+    first = (jax.lax.axis_index(axis_name) * b) if axis_name else 0
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(b))
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
+
+
+def _trees_equal(a, b) -> jax.Array:
+    leaves = [jnp.all(x == y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                              jax.tree_util.tree_leaves(b))]
+    return jnp.all(jnp.stack(leaves))
+
+
+def _frozen_forward(params, fused, other, ir, vi, model_config):
+    """F of the frozen parameters ``other`` (no gradient).
+
+    When ``other`` equals ``params`` exactly, returns ``fused`` itself: a second
+    forward pass would differ from it by float round-off (different fusion inside
+    XLA), which would give the L1 ratio a spurious sign gradient.
+    """
+    f = dcevo.apply_model(jax.lax.stop_gradient(other), ir, vi, model_config)["fused"]
+    return jax.lax.stop_gradient(jnp.where(_trees_equal(params, other), fused, f))
+
+
 def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
             hp: TrainHParams, model_config: dcevo.DCEvoConfig, reward_fn: Any = None,
             axis_name: str | None = None):
@@ -180,13 +223,20 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
         masks, valid = batch["masks"].astype(jnp.float32), batch["valid"].astype(bool)
         if hp.whole_image_region:
             masks, valid = with_whole_image(masks, valid)
-        fused_old = jax.lax.stop_gradient(
-            dcevo.apply_model(state["old_params"], ir, vi, model_config)["fused"])
-        fused_ref = jax.lax.stop_gradient(
-            dcevo.apply_model(state["ref_params"], ir, vi, model_config)["fused"])
-        rewards, terms = reward_fn.regions(reward_params, fused, ir, vi, masks)
+        fused_old = _frozen_forward(params, fused, state["old_params"], ir, vi, model_config)
+        fused_ref = _frozen_forward(params, fused, state["ref_params"], ir, vi, model_config)
+        if hp.ratio == "gaussian":
+            # Exploration: sample a ~ N(F_old, sigma^2) per pixel, score the samples, and
+            # use the Gaussian likelihood ratio of each region (see grpo.gaussian_region_ratios).
+            actions = fused_old + hp.exploration_std * _sample_noise(
+                state["step"], hp.noise_seed, fused.shape, axis_name)
+            rewards, terms = reward_fn.regions(reward_params, actions, ir, vi, masks)
+            ratios = grpo.gaussian_region_ratios(fused, fused_old, actions, masks,
+                                                 hp.exploration_std)
+        else:
+            rewards, terms = reward_fn.regions(reward_params, fused, ir, vi, masks)
+            ratios = grpo.region_ratios(fused, fused_old, masks, hp.ratio_alpha, hp.ratio_eps)
         adv = grpo.group_advantages(rewards, valid, hp.adv_eps)
-        ratios = grpo.region_ratios(fused, fused_old, masks, hp.ratio_alpha, hp.ratio_eps)
         obj, clipped = grpo.clipped_surrogate_terms(ratios, adv, valid, hp.clip_eps)
         vf = valid.astype(jnp.float32)
         n_global = jnp.maximum(_psum(jnp.sum(vf), axis_name), 1.0)
@@ -262,7 +312,7 @@ def train_step(state: dict, reward_params: Any, batch: Mapping, *, hp: TrainHPar
                                  state["old_params"], state["params"])
     metrics = _reduce_metrics(metrics, axis_name)
     metrics["loss"] = loss
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
     new_state = {"params": new_params, "opt_state": opt_state, "old_params": old,

@@ -32,7 +32,15 @@ from evafusion_jax.vit import ViTConfig
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("released", "vit_b16_224", "tiny", "from_checkpoint")
+PRESETS = ("released", "vit_b16_224", "tiny", "small", "from_checkpoint")
+
+
+def small_config(**kw) -> rm.RewardConfig:
+    """The "small" preset (tests, demos, the synthetic learning test): a 1-layer ViT of width 64
+    on 32x32 inputs with 4x4 patches (64 tokens) and 8 channels before each score MLP."""
+    return rm.RewardConfig.tiny(vit=ViTConfig.tiny(hidden_size=64, image_size=32, patch_size=4),
+                                deconv_channels=(16, 8), score_conv_divisors=(1, 2, 4, 8, 8, 8),
+                                **kw)
 
 
 class ConfigError(ValueError):
@@ -51,6 +59,8 @@ def _preset_config(cfg) -> rm.RewardConfig:
         return rm.RewardConfig(vit=ViTConfig.vit_b16_224(), **kw)
     if m.preset == "tiny":
         return rm.RewardConfig.tiny(**kw)
+    if m.preset == "small":
+        return small_config(**kw)
     raise ConfigError(f"config.model.preset must be one of {PRESETS}, got {m.preset!r}")
 
 
@@ -344,6 +354,9 @@ def train(cfg) -> dict:
                 last_eval["epoch"] = epoch
                 writer.scalars(step, last_eval, prefix="val/")
                 value = last_eval.get(str(cfg.best_metric))
+                if value is None or not np.isfinite(value):
+                    logger.warning("validation %s is %s at epoch %d; best_model not updated",
+                                   cfg.best_metric, value, epoch)
                 if value is not None and np.isfinite(value) and (best_value is None
                                                                   or value > best_value):
                     best_value = float(value)

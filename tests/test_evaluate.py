@@ -100,10 +100,7 @@ def test_reward_columns(dataset, tmp_path):
 
     from evafusion_jax import checkpoints, reward_model
     config = reward_model.RewardConfig.tiny()
-    # random parameters of the right shapes (eval_shape: no compilation of the initialiser)
-    shapes = jax.eval_shape(lambda k: reward_model.init_params(config, k), jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.05, s.shape).astype(s.dtype), shapes)
+    params = reward_model.init_params(config, jax.random.PRNGKey(0))
     ckpt = tmp_path / "reward"
     checkpoints.save_params(ckpt, params, config.to_dict(), "reward")
     out = tmp_path / "res"

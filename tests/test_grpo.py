@@ -93,3 +93,17 @@ def test_advantage_stats():
     st = grpo.advantage_stats(adv, jnp.array([[True, True, False]]))
     assert float(st["adv_mean"]) == 0.0 and float(st["adv_std"]) == pytest.approx(1.0)
     assert float(st["adv_max"]) == 1.0 and float(st["regions_per_image"]) == 2.0
+
+
+def test_gaussian_region_ratios_hand_values_and_gradient_at_old_policy():
+    f_old = jnp.zeros((1, 1, 2, 1))
+    actions = jnp.array([[[[0.1], [0.3]]]])
+    f = jnp.array([[[[0.1], [0.1]]]])
+    masks = jnp.ones((1, 1, 1, 2))
+    r = grpo.gaussian_region_ratios(f, f_old, actions, masks, sigma=0.5)
+    # per pixel (a - F_old)^2 - (a - F)^2: 0.01 - 0 and 0.09 - 0.04; mean 0.03; / (2 * 0.25)
+    assert float(r[0, 0]) == pytest.approx(np.exp(0.03 / 0.5), rel=1e-5)
+    g = jax.grad(lambda x: grpo.gaussian_region_ratios(x, f_old, actions, masks, 0.5).sum())(f_old)
+    # at F = F_old: dr/dF = (a - F) / sigma^2 / n_pixels
+    np.testing.assert_allclose(np.asarray(g)[0, 0, :, 0], [0.1 / 0.25 / 2, 0.3 / 0.25 / 2],
+                               rtol=1e-5)

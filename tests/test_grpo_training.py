@@ -51,49 +51,66 @@ def test_surrogate_gradient_is_zero_without_lag_and_nonzero_with_lag():
     assert sum(float(jnp.abs(x).sum()) for x in g) > 0
 
 
-@pytest.mark.parametrize("objective", ["grpo", "direct"])
-def test_objectives_raise_the_mean_reward(objective):
+def _run(objective, steps, lag=None, **hp_kw):
     params = dcevo.init_params(CFG, jax.random.PRNGKey(1))
     rf = reward_fns.ContrastReward()
     hp = gt.TrainHParams(objective=objective, beta=0.01, reward_loss_weight=1.0,
-                         fusion_loss_weight=0.0, decomp_loss_weight=0.0, pseudo_fusion_weight=0.0)
-    steps = 24
+                         fusion_loss_weight=0.0, decomp_loss_weight=0.0, pseudo_fusion_weight=0.0,
+                         **hp_kw)
     tx, sched = gt.make_optimizer(2e-3, steps, weight_decay=0.01)
     mesh = parallel.data_mesh()
     step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
-    state = parallel.replicate(gt.create_train_state(params, tx), mesh)
+    state = gt.create_train_state(params, tx)
+    if lag is not None:
+        state["old_params"] = jax.tree_util.tree_map(lambda x: x * lag, params)
+    state = parallel.replicate(state, mesh)
     batches = [_batch(s) for s in range(3)]
+    history = []
+    for i in range(steps):
+        state, m = step(state, {}, parallel.shard_batch(batches[i % 3], mesh))
+        history.append({k: float(v) for k, v in m.items()})
+    return params, parallel.unreplicate(state), batches, history, rf
+
+
+def test_direct_objective_raises_the_mean_reward():
+    params, state, batches, history, rf = _run("direct", 24)
     evaluate = gt.make_eval_fn(CFG, rf)
 
     def mean_reward(p):
         return float(np.mean([np.asarray(evaluate(p, {}, b)["reward"])[b["valid"]].mean()
                               for b in batches]))
 
-    before = mean_reward(params)
-    for i in range(steps):
-        state, m = step(state, {}, parallel.shard_batch(batches[i % 3], mesh))
-    assert np.isfinite(float(m["loss"]))
-    after = mean_reward(parallel.unreplicate(state["params"]))
+    before, after = mean_reward(params), mean_reward(state["params"])
+    assert np.isfinite(history[-1]["loss"])
     assert after > before * 1.05, (before, after)
-    if objective == "grpo":
-        assert 0.0 <= float(m["clip_fraction"]) <= 1.0
-        assert float(m["regions_per_image"]) == pytest.approx(3.5)
-        # theta_old lags theta by one update
-        assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(
-            jax.tree_util.tree_leaves(state["old_params"]),
-            jax.tree_util.tree_leaves(state["params"])))
+
+
+def test_grpo_step_raises_the_clipped_surrogate_and_logs_statistics():
+    # theta_old fixed (interval > steps) and lagging: the update must increase
+    # mean min(r A, clip(r) A), the quantity GRPO maximises.
+    _, state, _, history, _ = _run("grpo", 12, lag=0.98, old_policy_interval=1000)
+    first = np.mean([h["surrogate"] for h in history[:3]])
+    last = np.mean([h["surrogate"] for h in history[-3:]])
+    assert last > first, (first, last)
+    h = history[-1]
+    assert 0.0 <= h["clip_fraction"] <= 1.0
+    assert h["regions_per_image"] == pytest.approx(3.5)
+    assert h["adv_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert h["adv_std"] == pytest.approx(1.0, abs=0.05)
+    assert h["ratio_max"] >= 1.0 and h["kl"] >= 0.0
+    assert int(state["step"]) == 12
 
 
 def test_fusion_objective_needs_no_reward_and_lowers_fusion_loss():
     params = dcevo.init_params(CFG, jax.random.PRNGKey(2))
     hp = gt.TrainHParams(objective="fusion")
-    tx, _ = gt.make_optimizer(2e-3, 12)
+    tx, _ = gt.make_optimizer(2e-3, 8)
     mesh = parallel.data_mesh()
     step = gt.make_train_step(hp, CFG, tx, None, mesh)
     state = parallel.replicate(gt.create_train_state(params, tx), mesh)
     b = parallel.shard_batch(_batch(5), mesh)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         state, m = step(state, {}, b)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
@@ -114,14 +131,18 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, sys.argv[-1])
     from test_grpo_training import _batch, CFG
     params = dcevo.init_params(CFG, jax.random.PRNGKey(3))
-    hp = gt.TrainHParams(objective="grpo", beta=0.1, whole_image_region=True)
-    tx, sched = gt.make_optimizer(1e-3, 3)
+    hp = gt.TrainHParams(objective="grpo", beta=0.1, whole_image_region=True,
+                         old_policy_interval=100)
+    import optax
+    tx, sched = optax.sgd(1e-2), None  # SGD: the comparison is not blurred by Adam's normalisation
     rf = reward_fns.ContrastReward()
     batches = [_batch(s, b=4) for s in range(3)]
 
     def run(mesh, local_rows):
         step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
-        state = parallel.replicate(gt.create_train_state(params, tx), mesh)
+        state = gt.create_train_state(params, tx)
+        state["old_params"] = jax.tree_util.tree_map(lambda x: x * 0.98, params)
+        state = parallel.replicate(state, mesh)
         for b in batches:
             local = {k: v[local_rows] for k, v in b.items()}
             state, m = step(state, {}, parallel.shard_batch(local, mesh))
@@ -163,13 +184,16 @@ def single_process_reference(tmp_path_factory):
     return script, dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device(single_process_reference):
     _, ref = single_process_reference
     assert int(ref["n"]) == 4
     np.testing.assert_allclose(ref["p4"], ref["p1"], atol=2e-5, rtol=1e-4)
-    assert float(ref["l4"]) == pytest.approx(float(ref["l1"]), rel=1e-4, abs=1e-6)
+    # the loss is a sum of r*A terms that cancel (sum A = 0): compare at round-off scale
+    assert float(ref["l4"]) == pytest.approx(float(ref["l1"]), abs=2e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(single_process_reference, tmp_path):
     script, ref = single_process_reference
     with socket.socket() as s:

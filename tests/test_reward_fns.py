@@ -14,8 +14,8 @@ def tiny():
     params = reward_model.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     img = lambda *s: jnp.asarray(rng.random(s), jnp.float32)  # noqa: E731
-    ir, vi, fused = img(2, 20, 20, 1), img(2, 20, 20, 1), img(2, 20, 20, 1)
-    masks = jnp.asarray(rng.random((2, 3, 20, 20)) > 0.5, jnp.float32)
+    ir, vi, fused = img(2, 16, 16, 1), img(2, 16, 16, 1), img(2, 16, 16, 1)
+    masks = jnp.asarray(rng.random((2, 3, 16, 16)) > 0.5, jnp.float32)
     return cfg, params, ir, vi, fused, masks
 
 
@@ -36,12 +36,10 @@ def test_regions_match_direct_model_call_and_shared_equals_reencoded(tiny):
 def test_region_rewards_carry_no_gradient_but_image_reward_does(tiny):
     cfg, params, ir, vi, fused, masks = tiny
     fn = reward_fns.ModelReward(cfg)
-    g = jax.grad(lambda f: fn.regions(params, f, ir, vi, masks)[0].sum())(fused)
+    g = jax.jit(jax.grad(lambda f: fn.regions(params, f, ir, vi, masks)[0].sum()))(fused)
     np.testing.assert_array_equal(np.asarray(g), 0.0)
-    g = jax.grad(lambda f: fn.image(params, f, ir, vi)[0].sum())(fused)
+    g = jax.jit(jax.grad(lambda f: fn.image(params, f, ir, vi)[0].sum()))(fused)
     assert float(jnp.abs(g).sum()) > 0
-    gp = jax.grad(lambda p: fn.image(p, fused, ir, vi)[0].sum())(params)
-    assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree_util.tree_leaves(gp))
 
 
 def test_bf16_close_and_released_bug_changes_preprocessing(tiny):

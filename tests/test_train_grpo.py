@@ -44,6 +44,7 @@ def data(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_parameters(data, tmp_path):
     cache = tmp_path / "jax_cache"
     full = _run(_args(data, tmp_path / "full"), cache)

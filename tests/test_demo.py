@@ -1,0 +1,105 @@
+"""The end-to-end demo (python -m evafusion_jax.demo) at a very small size, and its input checks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evafusion_jax import checkpoints, demo
+from evafusion_jax import train_utils as tu
+
+SMALL = ["--steps", "3", "--train-pairs", "4", "--test-pairs", "2", "--feedback", "40",
+         "--size", "48", "--crop", "32", "--batch", "2", "--regions", "4"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    assert demo.main(["--out", str(out)] + SMALL) == 0
+    return out
+
+
+def test_demo_writes_the_report_with_every_stage(report):
+    for name in ("report.md", "summary.json", "grid.png", "curves.png"):
+        assert (report / name).is_file(), name
+    md = (report / "report.md").read_text()
+    assert "SYNTHETIC" in md
+    for heading in ("## 1. Reward model", "## 2. DCEvo fusion warm-up", "## 3. Regions + GRPO",
+                    "## 4. Held-out pairs before / after GRPO"):
+        assert heading in md
+    assert "| score | dev PLCC | dev SRCC | test PLCC | test SRCC |" in md
+    assert "| metric | before GRPO | after GRPO | better |" in md
+    for col in demo.DEMO_METRICS + ("R_Overall_Score", "reward"):
+        assert f"| {col} " in md, col
+    assert "![IR | visible | fused before | fused after | artifact heatmap](grid.png)" in md
+
+    s = json.loads((report / "summary.json").read_text())
+    assert s["synthetic_feedback"] and s["synthetic_pairs"]
+    assert set(demo.STAGES) <= set(s["timings_s"])
+    for split in ("dev", "test"):
+        assert "score/plcc/Overall_Score" in s["reward_model"][split]
+    for method in ("before", "after"):
+        assert s["heldout"][method]["reward"]["n"] == 2
+        assert s["heldout"][method]["EN"]["n"] == 2
+    assert np.isfinite(s["grpo"]["reward_start"]) and np.isfinite(s["grpo"]["reward_end"])
+
+
+def test_demo_ran_each_training_stage(report):
+    work = report / "work"
+    # reward model: 10 x steps at least, with dev evaluations
+    logs = tu.read_jsonl(work / "reward" / "logs" / "metrics.jsonl")
+    assert max(r["step"] for r in logs) >= 30
+    assert any("val/score/plcc/Overall_Score" in r for r in logs)
+    # fusion warm-up: 3 x steps of the fusion losses
+    logs = tu.read_jsonl(work / "fusion" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in logs] == list(range(1, 10))
+    assert all("fusion_loss" in r and "reward" not in r for r in logs)
+    # regions: a cache for every training pair, computed with superpixels
+    index = json.loads((work / "regions" / "index.json").read_text())
+    assert index["source"]["kind"] == "superpixels" and len(index["images"]) == 4
+    # GRPO: steps with the reward model's terms
+    logs = tu.read_jsonl(work / "grpo" / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in logs] == [1, 2, 3]
+    assert all("reward/texture" in r and "kl" in r for r in logs)
+    # GRPO changed the network it started from (weight decay starts the motion, see demo.py)
+    before, _ = checkpoints.load_params(work / "fusion" / "dcevo_final", "dcevo")
+    after, _ = checkpoints.load_params(work / "grpo" / "dcevo_final", "dcevo")
+    import jax
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after))]
+    assert max(diffs) > 0
+    # the held-out pairs were fused by both networks
+    for tag in ("before", "after"):
+        assert len(list((work / f"fused_{tag}").glob("*.png"))) == 2
+
+
+def test_demo_refuses_a_non_empty_out_folder(report):
+    before = sorted(p.name for p in report.iterdir())
+    assert demo.main(["--out", str(report)] + SMALL) == 2
+    assert sorted(p.name for p in report.iterdir()) == before
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--pairs", "/definitely/not/here"], "--pairs /definitely/not/here does not exist"),
+    (["--regions", "1"], "--regions must be >= 2"),
+    (["--size", "32", "--crop", "32"], "need pairs of at least 48x48"),
+    (["--crop", "80", "--size", "64"], "larger than the synthetic pairs"),
+])
+def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out)] + bad) == 2
+    assert message in caplog.text
+    assert not out.exists()
+    assert not any(tmp_path.iterdir())
+
+
+def test_pairs_folder_without_partner_files_is_an_error(tmp_path, caplog):
+    pairs = tmp_path / "pairs"
+    (pairs / "ir").mkdir(parents=True)
+    (pairs / "vi").mkdir()
+    from PIL import Image
+    Image.new("L", (64, 64)).save(pairs / "ir" / "a.png")
+    assert demo.main(["--out", str(tmp_path / "out"), "--pairs", str(pairs)]) == 2
+    assert "a.png" in caplog.text
+    assert not (tmp_path / "out").exists()
