@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -299,6 +298,7 @@ def export_file(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
 
     from evafusion_jax import checkpoints
     from evafusion_jax.dcevo import DCEvoConfig
+    from evafusion_jax.fileio import atomic_path
 
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
@@ -307,15 +307,8 @@ def export_file(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     config = DCEvoConfig.from_dict(cfg_dict)
     state = params_to_torch(params, config, as_torch=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return out_path
 
 

@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-import jax
 import numpy as np
 
 from convert.common import (ConversionError, KeyReader, conv, conv_transpose, linear,

@@ -618,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", help="trained/converted reward checkpoint (skips reward training)")
     p.add_argument("--dcevo", help="converted DCEvo checkpoint (skips the fusion warm-up)")
     p.add_argument("--sam", help="segment_anything checkpoint: SAM regions instead of superpixels")
-    p.add_argument("--sam-model-type", default="vit_b",
-                   help="vit_h | vit_l | vit_b | tiny (default vit_b)")
+    p.add_argument("--sam-model-type", default="vit_b", choices=("vit_h", "vit_l", "vit_b", "tiny"),
+                   help="architecture of the --sam checkpoint (default vit_b)")
     g = p.add_argument_group("sizes (defaults fit ~5 min on 2 CPU cores)")
     g.add_argument("--train-pairs", type=int, default=16)
     g.add_argument("--test-pairs", type=int, default=4)
@@ -629,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regions", type=int, default=6, help="K region slots per crop")
     g.add_argument("--feedback", type=int, default=600, help="synthetic feedback samples")
     g.add_argument("--feedback-size", type=int, default=32, help="side of feedback images")
-    g.add_argument("--grpo-lr", type=float, default=1e-4, help="GRPO learning rate")
+    g.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     g.add_argument("--grpo-fusion-weight", type=float, default=0.0,
                    help="weight of the auxiliary fusion loss during GRPO (0 = pure GRPO + KL)")
     return p
@@ -711,8 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("evafusion_jax").setLevel(logging.INFO)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from evafusion_jax import checkpoints, feedback_data, grpo_input_pipeline, regions

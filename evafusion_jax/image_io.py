@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from evafusion_jax.fileio import atomic_path
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # Full-range BT.601 (JPEG) coefficients, as Pillow's "YCbCr" mode.
@@ -198,16 +200,8 @@ def save_image(path: str | os.PathLike, image: np.ndarray, bit_depth: int = 8) -
         pil = Image.fromarray(arr)
     else:
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pil.save(tmp, format=Image.registered_extensions().get(path.suffix.lower()))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from evafusion_jax.fileio import atomic_path
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -241,16 +242,8 @@ def compute_regions(source: str, image: np.ndarray | None, height: int, width: i
 
 
 def _atomic_write_bytes(path: Path, write_fn) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write_fn(f)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

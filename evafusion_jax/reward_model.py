@@ -27,8 +27,7 @@ The parameter tree mirrors the released state dict (``vit``, ``vit_fusion``,
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax

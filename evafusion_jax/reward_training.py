@@ -33,13 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -431,7 +431,6 @@ def build_feature_cache(source: Any, backbone_params: Any, config: rm.RewardConf
         # token file can be allocated with its final size.
         pending: list[np.ndarray] = []
         uniq: dict[str, int] = {}
-        token_rows: list[np.ndarray] = []
         tok_file = tmp / "tokens_parts"
         tok_file.mkdir()
         n_rows = 0

@@ -5,8 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -84,3 +82,50 @@ def test_four_devices_equal_one_device():
         print("OK")
     """)
     assert "OK" in out
+
+
+_TWO_PROCESS_WORKER = """
+import os, sys
+pid, port, ckdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+from evafusion_jax import parallel as par, train_utils as tu
+par.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+import numpy as np, jax.numpy as jnp
+mesh = par.data_mesh()
+assert jax.device_count() == 4 and jax.process_count() == 2
+def step(w, b):
+    g = jax.grad(lambda w: jnp.mean((b["x"] @ w) ** 2))(w)
+    return w - 0.1 * jax.lax.pmean(g, "data")
+f = par.data_parallel(step, mesh)
+X = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+w = f(par.replicate(np.ones(3, np.float32), mesh), par.shard_batch({"x": X[pid * 4:(pid + 1) * 4]}, mesh))
+ck = tu.TrainCheckpointer(ckdir)
+ck.save(1, {"w": w}, iterator_state=f"host{pid}".encode())
+r = ck.restore(target={"w": w})
+ck.close()
+print("RESULT", pid, [float(v) for v in np.asarray(par.unreplicate(r.state["w"]))], r.iterator_state.decode(), flush=True)
+"""
+
+
+def test_two_processes_gloo_step_and_checkpoint(tmp_path):
+    """2 CPU processes x 2 devices: global step on the concatenated batch, per-host iterator state."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_WORKER, str(i), str(port),
+                               str(tmp_path / "ck")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    X = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    w = np.ones(3, np.float32)
+    want = w - 0.1 * (2 * X.T @ (X @ w) / 8)
+    for i, (o, _) in enumerate(outs):
+        line = [ln for ln in o.splitlines() if ln.startswith("RESULT")][0]
+        vals = [float(v) for v in line.split("[")[1].split("]")[0].split(",")]
+        np.testing.assert_allclose(vals, want, rtol=1e-5)
+        assert line.endswith(f"host{i}")

@@ -45,36 +45,38 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_parameters(data, tmp_path):
+def test_kill_and_resume_gives_identical_parameters_and_nan_keeps_last_checkpoint(data, tmp_path):
     cache = tmp_path / "jax_cache"
     full = _run(_args(data, tmp_path / "full"), cache)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _run(_args(data, tmp_path / "resumed", "--config.debug_exit_at_step=1"), cache)
-    assert killed.returncode == 75, killed.stderr[-3000:]
-    assert not (tmp_path / "resumed" / "dcevo_final").exists()
-    assert tu.TrainCheckpointer(tmp_path / "resumed" / "checkpoints").latest_step() == 2
-    resumed = _run(_args(data, tmp_path / "resumed"), cache)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    a, cfg_a = checkpoints.load_params(tmp_path / "full" / "dcevo_final", expected_kind="dcevo")
-    b, _ = checkpoints.load_params(tmp_path / "resumed" / "dcevo_final", expected_kind="dcevo")
-    for x, y in zip(*(sorted(_flat(t).items()) for t in (a, b))):
-        assert x[0] == y[0]
-        np.testing.assert_array_equal(x[1], y[1])
-    assert cfg_a["dim"] == 8
     logs = tu.read_jsonl(tmp_path / "full" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     for key in ("reward", "kl", "clip_fraction", "adv_std", "reward/contrast", "loss"):
         assert key in logs[-1]
 
-    # NaN at step 3 (0-based 2): the run stops with an error, the step-2 checkpoint is kept
-    nan_dir = tmp_path / "nan"
-    bad = _run(_args(data, nan_dir, "--config.debug_nan_at_step=2",
+    # killed right after step 2 (os._exit, as by a signal): the step-2 checkpoint survives
+    run = tmp_path / "interrupted"
+    killed = _run(_args(data, run, "--config.debug_exit_at_step=1"), cache)
+    assert killed.returncode == 75, killed.stderr[-3000:]
+    assert tu.TrainCheckpointer(run / "checkpoints").latest_step() == 2
+    # restarted; the loss becomes NaN at step 4 (0-based 3): the run stops with an
+    # error and keeps the step-3 checkpoint as the last good one, without exporting
+    bad = _run(_args(data, run, "--config.debug_nan_at_step=3",
                      "--config.checkpoint_every_steps=1"), cache)
     assert bad.returncode == 1
-    assert "non-finite" in bad.stderr
-    assert tu.TrainCheckpointer(nan_dir / "checkpoints").latest_step() == 2
-    assert not (nan_dir / "dcevo_final").exists()
+    assert "resumed from" in bad.stderr and "non-finite" in bad.stderr
+    assert tu.TrainCheckpointer(run / "checkpoints").latest_step() == 3
+    assert not (run / "dcevo_final").exists()
+    # resumed again: the result equals the uninterrupted run bit for bit
+    resumed = _run(_args(data, run), cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, cfg_a = checkpoints.load_params(tmp_path / "full" / "dcevo_final", expected_kind="dcevo")
+    b, _ = checkpoints.load_params(run / "dcevo_final", expected_kind="dcevo")
+    fa, fb = _flat(a), _flat(b)
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+    assert cfg_a["dim"] == 8
 
 
 def _flat(tree, prefix=""):

@@ -1,7 +1,5 @@
 """Tests for evafusion_jax.train_utils."""
 
-import json
-import math
 import textwrap
 
 import grain.python as gp
@@ -63,7 +61,6 @@ def test_checkpointer_roundtrip_iterator_and_best(tmp_path):
     ck = tu.TrainCheckpointer(tmp_path / "run", max_to_keep=2, best_mode="max")
     assert ck.latest_step() is None
     assert ck.save(1, state, it.get_state(), metrics={"loss": 0.5}, best_metric=0.3)
-    expected_next = [next(it)["x"] for _ in range(3)]
     # Not better: no new best; older steps are rotated out.
     state2 = jax.tree_util.tree_map(lambda x: x + 1, state)
     assert not ck.save(2, state2, None, best_metric=0.1)
