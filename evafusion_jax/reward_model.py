@@ -113,7 +113,7 @@ class RewardConfig:
     def tiny(cls, **kw) -> "RewardConfig":
         """A small reward model for tests and demos (hidden 32, 32x32 input, patch 8)."""
         base = dict(vit=ViTConfig.tiny(), heatmap_channels=(32, 16), deconv_channels=(16, 16, 8),
-                    heatmap_last_channels=8, score_conv_divisors=(1, 2, 4, 8, 16, 32),
+                    heatmap_last_channels=8, score_conv_divisors=(1, 2, 4, 4, 4, 4),
                     score_hidden=(32, 16))
         base.update(kw)
         return cls(**base)

@@ -58,6 +58,12 @@ def _validate(cfg) -> None:
         raise ConfigError("config field data.data_dir is empty: set it to a folder with ir/ and vi/")
     if not cfg.workdir:
         raise ConfigError("config field workdir is empty")
+    if (cfg.objective == "grpo" and cfg.ratio == "l1" and cfg.weight_decay == 0
+            and not (cfg.grpo_fusion_weight or cfg.grpo_decomp_weight or cfg.grpo_pseudo_weight)):
+        log.warning("objective=grpo with ratio=l1, weight_decay=0 and no auxiliary loss never moves: "
+                    "theta_old starts equal to theta, where the l1 ratio has zero gradient, so the "
+                    "first update is zero and theta_old stays equal. Set weight_decay > 0, an auxiliary "
+                    "grpo_*_weight, or ratio=gaussian.")
 
 
 def load_policy(cfg) -> tuple[Any, dcevo.DCEvoConfig]:

@@ -1,7 +1,6 @@
 """The end-to-end demo (python -m evafusion_jax.demo) at a very small size, and its input checks."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
