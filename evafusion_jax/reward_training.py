@@ -30,6 +30,8 @@ whose key differs is rebuilt.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -197,8 +199,11 @@ def make_train_step(config: rm.RewardConfig, optimizer: optax.GradientTransforma
     return par.data_parallel(step, mesh, batch_argnums=(2,), donate_argnums=(0,) if donate else ())
 
 
+@functools.lru_cache(maxsize=8)
 def make_predict_fn(config: rm.RewardConfig, mesh) -> Callable:
     """Jitted data-parallel ``(params, batch) -> {"scores": (B, 5), "heatmaps": (B, S, S)}``.
+
+    Cached per (config, mesh), so that evaluating after every epoch compiles once.
 
     Per-example outputs stay sharded over ``"data"``; ``heatmaps`` is the first
     heatmap type (the release has one). The batch size must be a multiple of
