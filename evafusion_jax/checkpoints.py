@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+from evafusion_jax.fileio import commit_dir, staging_dir
 
 FORMAT_VERSION = 1
 KINDS = ("dcevo", "vit", "reward")
@@ -70,16 +71,13 @@ def save_params(path: str | os.PathLike, params: Any, config: dict, kind: str,
                                indent=2, sort_keys=True)
     except TypeError as e:
         raise TypeError(f"config for {kind!r} checkpoint is not JSON-serialisable: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", _to_numpy_tree(params))
         ckptr.wait_until_finished()
         (tmp / "config.json").write_text(meta_text)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

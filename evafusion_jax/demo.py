@@ -43,12 +43,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from evafusion_jax.fileio import commit_dir, staging_dir
 
 log = logging.getLogger("evafusion_jax.demo")
 
@@ -669,8 +670,7 @@ def run(args) -> dict:
     """Runs all stages into ``args.out``; returns the summary dict (also in summary.json)."""
     _validate(args)
     out = Path(args.out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     work = tmp / "work"
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -697,9 +697,7 @@ def run(args) -> dict:
         timings["report"] = time.perf_counter() - t
         summary["timings_s"] = timings
         (tmp / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from evafusion_jax import image_io, metrics
+from evafusion_jax import fileio, image_io, metrics
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def write_results(out_dir, rows: Sequence[dict], summary, columns: Sequence[str]
                   overwrite: bool = False, extra: dict | None = None) -> Path:
     """Writes metrics.md/.csv/.json and per_image.csv into ``out_dir`` (staged, then renamed into place)."""
     image_io.check_output_dir(out_dir, overwrite=overwrite)
-    tmp = image_io.staging_dir(out_dir)
+    tmp = fileio.staging_dir(out_dir)
     try:
         (tmp / "metrics.md").write_text(format_markdown(summary, columns, show_std))
         header = ["method"] + [f"{c}_{s}" for c in columns for s in ("mean", "std", "n")]
@@ -249,7 +249,7 @@ def write_results(out_dir, rows: Sequence[dict], summary, columns: Sequence[str]
         (tmp / "metrics.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
         (tmp / "per_image.csv").write_text(_csv_text(["method", "image"] + list(columns), (
             [r["method"], r["image"]] + [r[c] for c in columns] for r in rows)))
-        image_io.commit_dir(tmp, out_dir)
+        fileio.commit_dir(tmp, out_dir)
     except BaseException:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Atomic file writes: write a temporary sibling, then rename it into place.
+"""Atomic writes of files and folders: write a temporary sibling, then rename it into place.
 
 A reader never sees a half-written file, and an interrupted or failed write
 leaves the destination as it was. The new file gets the usual permissions
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,33 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """A fresh temporary folder next to ``out`` (same file system, usual permissions rather
+    than the ``0700`` of ``tempfile.mkdtemp``), to be moved there by :func:`commit_dir`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def commit_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Moves the finished staging folder ``tmp`` to ``out``, replacing what is there.
+
+    An existing ``out`` (folder or file) is first renamed aside, then deleted, so
+    ``out`` is never missing or half-written at any moment a reader could see.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
 
 
 @contextlib.contextmanager

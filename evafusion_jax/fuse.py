@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evafusion_jax import image_io
+from evafusion_jax import fileio, image_io
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def fuse_folder(params: Any, config, ir_dir, vi_dir, out_dir, *, bucket: int = 3
     for job in jobs:
         groups.setdefault(fuser.padded_shape(*job.size), []).append(job)
 
-    tmp = image_io.staging_dir(out_dir)
+    tmp = fileio.staging_dir(out_dir)
     start = time.perf_counter()
     try:
         from tqdm import tqdm
@@ -250,7 +250,7 @@ def fuse_folder(params: Any, config, ir_dir, vi_dir, out_dir, *, bucket: int = 3
                         image_io.save_image(tmp / f"{job.name}.png", _finish(y, chroma))
                     bar.update(len(chunk))
         seconds = time.perf_counter() - start
-        image_io.commit_dir(tmp, out_dir)
+        fileio.commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

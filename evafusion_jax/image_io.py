@@ -29,7 +29,6 @@ versions; Pillow's own integer arithmetic differs by at most one 8-bit level.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -267,25 +266,4 @@ def check_output_dir(out: str | os.PathLike, inputs=(), overwrite: bool = False)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputFolderError(f"output folder {str(out)!r} exists and is not empty; choose another output "
                                 "folder or pass --overwrite to replace it")
-    return out
-
-
-def staging_dir(out: str | os.PathLike) -> Path:
-    """A fresh temporary folder next to ``out`` (same file system), to be moved there by :func:`commit_dir`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def commit_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Moves the finished staging folder ``tmp`` to ``out``, replacing what is there (by renames)."""
-    import shutil
-    tmp, out = Path(tmp), Path(out)
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "previous")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
     return out

@@ -38,7 +38,6 @@ import logging
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -50,6 +49,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from evafusion_jax import parallel as par
+from evafusion_jax.fileio import commit_dir, staging_dir
 from evafusion_jax import reward_model as rm
 from evafusion_jax.train_utils import tree_fingerprint
 
@@ -422,8 +422,7 @@ def build_feature_cache(source: Any, backbone_params: Any, config: rm.RewardConf
     p_rep = par.replicate(backbone_params, mesh)
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype]
 
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_root))
+    tmp = staging_dir(target)
     try:
         n = len(source)
         if n == 0:
@@ -498,9 +497,7 @@ def build_feature_cache(source: Any, backbone_params: Any, config: rm.RewardConf
                     "names": list(getattr(source, "names", []) or []),
                     "source": repr(source), "created": time.time()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

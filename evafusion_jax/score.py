@@ -106,7 +106,7 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
     from PIL import Image
     from tqdm import tqdm
 
-    from evafusion_jax import checkpoints, image_io
+    from evafusion_jax import checkpoints, fileio, image_io
     from evafusion_jax import feedback_data as fd
     from evafusion_jax import parallel as par
     from evafusion_jax import reward_model as rm
@@ -126,7 +126,7 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
     p = par.replicate(params, mesh)
     bs = batch_size + (-batch_size) % mesh.devices.size
 
-    tmp = image_io.staging_dir(out)
+    tmp = fileio.staging_dir(out)
     try:
         (tmp / "heatmaps").mkdir()
         if raw_heatmaps:
@@ -164,7 +164,7 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
             wr = csv.DictWriter(fh, fieldnames=fields)
             wr.writeheader()
             wr.writerows(rows)
-        image_io.commit_dir(tmp, out)
+        fileio.commit_dir(tmp, out)
     except BaseException:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""evafusion_jax.fileio: atomic file and folder writes."""
+
+import os
+import stat
+
+import pytest
+
+from evafusion_jax import fileio
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_atomic_path_replaces_and_uses_umask_permissions(tmp_path):
+    target = tmp_path / "a" / "x.txt"
+    old = os.umask(0o022)
+    try:
+        with fileio.atomic_path(target) as tmp:
+            assert not target.exists()
+            open(tmp, "w").write("one")
+        assert target.read_text() == "one" and _mode(target) == 0o644
+        with pytest.raises(RuntimeError):
+            with fileio.atomic_path(target) as tmp:
+                open(tmp, "w").write("half")
+                raise RuntimeError("boom")
+    finally:
+        os.umask(old)
+    assert target.read_text() == "one"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.txt"]  # no temp file left
+
+
+def test_staging_and_commit_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    old = os.umask(0o022)
+    try:
+        tmp = fileio.staging_dir(out)
+    finally:
+        os.umask(old)
+    assert _mode(tmp) == 0o755 and tmp.parent == tmp_path
+    (tmp / "new.txt").write_text("y")
+    fileio.commit_dir(tmp, out)
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a file in the way is replaced too
+    f = tmp_path / "f"
+    f.write_text("z")
+    tmp = fileio.staging_dir(f)
+    fileio.commit_dir(tmp, f)
+    assert f.is_dir()
