@@ -9,7 +9,8 @@ or once per region (naive). Measures (after one compile):
 
 * regions scored per second by ``ModelReward.regions`` (jitted);
 * the full jitted GRPO train step (DCEvo forward/backward + theta_old/theta_ref
-  forwards + region rewards) in seconds.
+  forwards + region rewards) in seconds; with the default ``--ratio gaussian`` the
+  step scores G x K regions per pair (``--group-size``), with ``l1`` K.
 
 Geometries: ``small`` = a 4-layer, 128-wide ViT at 128x128 (patch 16) with a
 small head, DCEvo dim 16; ``vit_l16_384`` = the released reward model
@@ -65,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ratio", default="gaussian", choices=("gaussian", "l1"),
+                    help="GRPO policy of the timed step (gaussian scores G x K regions per pair)")
+    ap.add_argument("--group-size", type=int, default=4, help="G sampled fusions per pair")
     ap.add_argument("--no-step", action="store_true", help="only time the region scoring")
     args = ap.parse_args(argv)
 
@@ -94,7 +98,7 @@ def main(argv=None):
                "n_devices": jax.device_count(), "score_compile_s": round(compile_s, 2),
                "score_s": round(t_score, 4), "regions_per_s": round(b * k / t_score, 2)}
         if not args.no_step:
-            hp = gt.TrainHParams(objective="grpo")
+            hp = gt.TrainHParams(objective="grpo", ratio=args.ratio, group_size=args.group_size)
             tx, _ = gt.make_optimizer(1e-4, 100)
             step = gt.make_train_step(hp, dcfg, tx, rf, mesh)
             state = parallel.replicate(gt.create_train_state(dparams, tx), mesh)
@@ -106,6 +110,9 @@ def main(argv=None):
                 holder["s"], m = step(holder["s"], rp, sb)
                 return m["loss"]
             rec["step_s"] = round(_time(one, args.repeats), 4)
+            per_step = b * k * (args.group_size if args.ratio == "gaussian" else 1)
+            rec.update(ratio=args.ratio, group_size=args.group_size,
+                       step_regions=per_step, step_regions_per_s=round(per_step / rec["step_s"], 2))
         if jax.devices()[0].platform == "gpu":
             stats = jax.devices()[0].memory_stats() or {}
             rec["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")

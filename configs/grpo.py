@@ -42,8 +42,15 @@ def get_config():
     c.clip_eps = 0.2
     c.beta = 0.1
     c.kl_sigma = 1.0
-    c.ratio = "l1"                  # l1 (paper) | gaussian (sampled exploration; our addition)
-    c.exploration_std = 0.05        # sigma of the gaussian ratio's sampled actions
+    # ratio: gaussian = the policy is N(F_theta, exploration_std^2); a group of group_size sampled
+    # fusions per pair is scored region by region, with per-region likelihood ratios (learns);
+    # l1 = the paper's r_k = 1 + alpha |F - F_old|_1 / |F_old|_1 on the deterministic F (one sample;
+    # no policy gradient at theta_old == theta; see README "Caveats").
+    c.ratio = "gaussian"
+    c.exploration_std = 0.05        # sigma of the sampled fusions (pixel units, [0, 1] images)
+    c.group_size = 4                # G sampled fusions per pair (the reward model scores G x K regions)
+    c.antithetic = True             # samples in mirrored pairs F_old +- sigma * noise (G even)
+    c.advantage_group = "samples"   # samples (region k over the G samples) | regions | all
     c.noise_seed = 0
     c.ratio_alpha = 1.0
     c.ratio_eps = 1e-6

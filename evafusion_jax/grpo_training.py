@@ -2,14 +2,30 @@
 
 Three objectives (``TrainHParams.objective``):
 
-* ``"grpo"``: region-level GRPO (EVAFusion). Per pair, the policy DCEvo (params
-  theta) fuses F; every valid region k gets the reward s_k = R(F * M_k, i, v)
-  (no gradient); advantages are standardised within the pair's group of valid
-  regions; the region ratio r_k = 1 + alpha |F - F_old|_{1,M_k} / (|F_old|_{1,M_k} + eps)
-  compares F with the fused image of the lagging snapshot theta_old; the loss is
-  -mean_valid min(r A, clip(r, 1 - eps, 1 + eps) A) + beta KL(F || F_ref) with F_ref
-  from the frozen initial network. Optional auxiliary fusion losses (weights
-  ``grpo_fusion_weight`` etc.) regularise it.
+* ``"grpo"``: region-level GRPO (EVAFusion). The policy DCEvo (params theta) fuses
+  F for a pair; regions M_k come from SAM (or a fallback); rewards carry no
+  gradient; the loss is -mean min(r A, clip(r, 1 - eps, 1 + eps) A) over valid
+  regions + beta KL(F || F_ref), F_ref from the frozen initial network. Two
+  policies (``TrainHParams.ratio``):
+
+  - ``"gaussian"`` (default): the policy is N(F_theta, sigma^2) per pixel
+    (sigma = ``exploration_std``; the same Gaussian the KL term assumes). For each
+    pair a group of G = ``group_size`` fusions a_g = F_old + sigma noise_g is
+    sampled from the old policy (antithetic pairs by default), every region of
+    every sample is scored, s_{g,k} = R(a_g * M_k, i, v), advantages are
+    standardised within the group (``advantage_group``: region k over the G
+    samples by default), and r_{g,k} is the likelihood ratio of a_g on M_k under
+    theta vs theta_old (per-pixel log-ratio averaged over the region). This is
+    GRPO's group of sampled responses, with regions as the units of credit; it
+    has a policy gradient already at theta_old == theta and raises the reward.
+  - ``"l1"``: the paper's formula on the deterministic F: s_k = R(F * M_k, i, v),
+    A_k standardised over the pair's valid regions, and
+    r_k = 1 + alpha |F - F_old|_{1,M_k} / (|F_old|_{1,M_k} + eps). This ratio says
+    how much a region changed, not in which direction (its gradient is
+    alpha sign(F - F_old) / |F_old|, zero at theta_old == theta); it does not
+    raise the reward by itself (README, "Caveats").
+
+  Optional auxiliary fusion losses (weights ``grpo_fusion_weight`` etc.) regularise it.
 * ``"direct"``: the released fine-tuning (reward_final.py): maximise the weighted
   reward of the whole fused image by backpropagating through the frozen reward
   model, plus the fusion loss, the decomposition loss and the pseudo-fusion MSE
@@ -18,20 +34,16 @@ Three objectives (``TrainHParams.objective``):
   model): trains DCEvo from scratch or warms it up.
 
 theta_old: after the update of step s, when (s + 1) % old_policy_interval == 0,
-theta_old becomes the parameters from *before* that update, so it always lags the
-current parameters by at least one update (with theta_old == theta the ratio's
-gradient is exactly zero). At step 0 theta_old is the initial network, so the
-first GRPO step only moves the parameters through the KL/auxiliary terms and the
-weight decay.
+theta_old becomes the parameters from *before* that update, so it lags the current
+parameters by at least one update (for ``ratio="l1"`` with theta_old == theta the
+ratio's gradient is exactly zero, so that ratio's first step moves the parameters
+only through the KL/auxiliary terms and the weight decay). With the default
+interval 1 the sampling policy is the previous step's network, as in on-policy
+GRPO with one update per batch.
 
-The L1 region ratio carries no information about WHICH change of F improves the
-reward (its gradient is alpha sign(F - F_old) / |F_old|, weighted by relative
-advantages of different regions); in our tests it does not raise the reward by
-itself. ``ratio="gaussian"`` (our addition, not in the paper) treats the policy as
-the Gaussian N(F, sigma^2) that the KL term already assumes: actions
-a = F_old + sigma * noise are sampled, the regions of a are scored, and
-r_k = exp(mean_{M_k}[(a - F_old)^2 - (a - F)^2] / (2 sigma^2)); the clipped
-surrogate with group advantages is then a proper policy gradient.
+Exploration noise is keyed by (``noise_seed``, step, global pair index), so a pair
+gets the same samples whatever the number of devices or hosts, and a resumed run
+draws the same samples as an uninterrupted one.
 
 Data parallel: the step runs per device shard under ``jax.shard_map`` over the
 ``"data"`` mesh axis (:mod:`evafusion_jax.parallel`). Each shard's loss is scaled
@@ -71,8 +83,11 @@ class TrainHParams:
     clip_eps: float = 0.2
     beta: float = 0.1
     kl_sigma: float = 1.0
-    ratio: str = "l1"               # l1 (EVAFusion) | gaussian (exploration; our addition)
-    exploration_std: float = 0.05   # sigma of the "gaussian" ratio's sampled actions
+    ratio: str = "gaussian"         # gaussian (sampled group) | l1 (the paper's formula)
+    exploration_std: float = 0.05   # sigma of the "gaussian" policy's sampled actions
+    group_size: int = 4             # G sampled fusions per pair ("gaussian")
+    antithetic: bool = True         # mirrored noise pairs within the group (G even)
+    advantage_group: str = "samples"  # samples | regions | all (grpo.sampled_group_advantages)
     noise_seed: int = 0
     ratio_alpha: float = 1.0
     ratio_eps: float = 1e-6
@@ -96,8 +111,20 @@ class TrainHParams:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.ratio not in ("l1", "gaussian"):
             raise ValueError(f"ratio must be 'l1' or 'gaussian', got {self.ratio!r}")
-        if self.ratio == "gaussian" and not self.exploration_std > 0:
-            raise ValueError(f"exploration_std must be > 0, got {self.exploration_std}")
+        if self.ratio == "gaussian":
+            if not self.exploration_std > 0:
+                raise ValueError(f"exploration_std must be > 0, got {self.exploration_std}")
+            if self.group_size < 1:
+                raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+            if self.antithetic and self.group_size % 2:
+                raise ValueError(f"antithetic sampling needs an even group_size, got "
+                                 f"{self.group_size}; use an even size or antithetic=False")
+            if self.advantage_group not in grpo.ADVANTAGE_GROUPS:
+                raise ValueError(f"advantage_group must be one of {grpo.ADVANTAGE_GROUPS}, "
+                                 f"got {self.advantage_group!r}")
+            if self.advantage_group == "samples" and self.group_size < 2:
+                raise ValueError("advantage_group='samples' compares the samples of a pair and "
+                                 "needs group_size >= 2")
         if self.old_policy_interval < 1:
             raise ValueError(f"old_policy_interval must be >= 1, got {self.old_policy_interval}")
         if not self.kl_sigma > 0:
@@ -226,17 +253,21 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
         fused_old = _frozen_forward(params, fused, state["old_params"], ir, vi, model_config)
         fused_ref = _frozen_forward(params, fused, state["ref_params"], ir, vi, model_config)
         if hp.ratio == "gaussian":
-            # Exploration: sample a ~ N(F_old, sigma^2) per pixel, score the samples, and
-            # use the Gaussian likelihood ratio of each region (see grpo.gaussian_region_ratios).
-            actions = fused_old + hp.exploration_std * _sample_noise(
-                state["step"], hp.noise_seed, fused.shape, axis_name)
-            rewards, terms = reward_fn.regions(reward_params, actions, ir, vi, masks)
+            # A group of G sampled fusions a_g ~ N(F_old, sigma^2) per pair; every region of
+            # every sample is scored; per-region likelihood ratios (grpo.gaussian_region_ratios).
+            b = fused.shape[0]
+            noise = _sample_noise(state["step"], hp.noise_seed,
+                                  (b, hp.group_size) + fused.shape[1:], axis_name)
+            actions = grpo.sample_actions(fused_old, noise, hp.exploration_std, hp.antithetic)
+            rewards, terms = reward_fn.sample_regions(reward_params, actions, ir, vi, masks)
             ratios = grpo.gaussian_region_ratios(fused, fused_old, actions, masks,
-                                                 hp.exploration_std)
+                                                 hp.exploration_std)  # (B, G, K)
+            adv = grpo.sampled_group_advantages(rewards, valid, hp.advantage_group, hp.adv_eps)
+            valid = jnp.broadcast_to(valid[:, None, :], rewards.shape)
         else:
             rewards, terms = reward_fn.regions(reward_params, fused, ir, vi, masks)
             ratios = grpo.region_ratios(fused, fused_old, masks, hp.ratio_alpha, hp.ratio_eps)
-        adv = grpo.group_advantages(rewards, valid, hp.adv_eps)
+            adv = grpo.group_advantages(rewards, valid, hp.adv_eps)
         obj, clipped = grpo.clipped_surrogate_terms(ratios, adv, valid, hp.clip_eps)
         vf = valid.astype(jnp.float32)
         n_global = jnp.maximum(_psum(jnp.sum(vf), axis_name), 1.0)
@@ -257,7 +288,8 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
         big = jnp.float32(3.0e38)
         metrics["adv_min"] = (jnp.min(jnp.where(valid, adv, big)), "min")
         metrics["adv_max"] = (jnp.max(jnp.where(valid, adv, -big)), "max")
-        metrics["regions_per_image"] = (jnp.mean(jnp.sum(vf, axis=-1)), "mean")
+        metrics["regions_per_image"] = (jnp.mean(jnp.sum(vf[:, 0] if vf.ndim == 3 else vf,
+                                                         axis=-1)), "mean")
         aux = _aux_losses(feats, ir, vi, hp, hp.grpo_fusion_weight, hp.grpo_decomp_weight,
                           hp.grpo_pseudo_weight)
     elif hp.objective == "direct":

@@ -5,6 +5,9 @@ A reward function is an object with
 * ``regions(params, fused, ir, vi, masks) -> (total (B, K), terms {name: (B, K)})``:
   the reward of every region k of every pair, s_k = R(F * M_k, i, v). No gradient
   flows out of it (inputs and outputs are wrapped in ``stop_gradient``).
+* ``sample_regions(params, samples, ir, vi, masks) -> (total (B, G, K), terms)``: the
+  same for G sampled fused images per pair (``samples`` (B, G, H, W, C)); the
+  reward model encodes each pair's IR and visible images once for all G x K.
 * ``image(params, fused, ir, vi) -> (total (B,), terms {name: (B,)})``: the reward of
   whole fused images, differentiable with respect to ``fused`` (used by the
   ``direct`` objective; the reward parameters are still constants).
@@ -111,31 +114,45 @@ class ModelReward:
         out = reward_model.head(p, tok_ir, tok_vi, tok_f, cfg)
         return self._aggregate(out)
 
-    def regions(self, params, fused, ir, vi, masks):
+    def _score_masked(self, params, masked, ir, vi):
+        """Rewards of masked fused images (B, N, H, W, C) of each pair -> (B, N), terms."""
         from evafusion_jax import reward_model
         p, cfg = self._params(params), self.model_config
-        fused = jax.lax.stop_gradient(fused)
-        b, k = masks.shape[:2]
-        masked = fused[:, None] * masks[..., None].astype(fused.dtype)  # (B, K, H, W, 1)
+        b, n = masked.shape[:2]
         if self.share_tokens:
             tok_ir = reward_model.encode(p, self.pixel_values(ir), cfg)
             tok_vi = reward_model.encode(p, self.pixel_values(vi), cfg)
 
-            def one_region(f_k):  # (B, H, W, 1) -> (B,)
+            def one_region(f_k):  # (B, H, W, C) -> (B,)
                 tok_f = reward_model.encode(p, self.pixel_values(f_k), cfg)
                 return self._aggregate(reward_model.head(p, tok_ir, tok_vi, tok_f, cfg))
 
             total, terms = jax.vmap(one_region, in_axes=1, out_axes=1)(masked)
         else:
-            # Naive: every region re-encodes its pair (B*K encodes of IR and of visible).
-            rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-            flat = masked.reshape((b * k,) + masked.shape[2:])
+            # Naive: every region re-encodes its pair (B*N encodes of IR and of visible).
+            rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+            flat = masked.reshape((b * n,) + masked.shape[2:])
             out = reward_model.apply(p, self.pixel_values(rep(ir)), self.pixel_values(rep(vi)),
                                      self.pixel_values(flat), cfg)
             total, terms = self._aggregate(out)
-            total = total.reshape(b, k)
-            terms = {n: t.reshape(b, k) for n, t in terms.items()}
+            total = total.reshape(b, n)
+            terms = {name: t.reshape(b, n) for name, t in terms.items()}
         return jax.lax.stop_gradient((total, terms))
+
+    def regions(self, params, fused, ir, vi, masks):
+        fused = jax.lax.stop_gradient(fused)
+        masked = fused[:, None] * masks[..., None].astype(fused.dtype)  # (B, K, H, W, C)
+        return self._score_masked(params, masked, ir, vi)
+
+    def sample_regions(self, params, samples, ir, vi, masks):
+        samples = jax.lax.stop_gradient(samples)
+        b, g = samples.shape[:2]
+        k = masks.shape[1]
+        # (B, G, K, H, W, C): every region of every sample, IR/visible encoded once per pair.
+        masked = samples[:, :, None] * masks[:, None, ..., None].astype(samples.dtype)
+        total, terms = self._score_masked(
+            params, masked.reshape((b, g * k) + masked.shape[3:]), ir, vi)
+        return total.reshape(b, g, k), {n: t.reshape(b, g, k) for n, t in terms.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +177,14 @@ class ContrastReward:
     def regions(self, params, fused, ir, vi, masks):
         del params, ir, vi
         c = self._region_contrast(jax.lax.stop_gradient(fused), masks)
+        c = jax.lax.stop_gradient(c)
+        return c, {"contrast": c}
+
+    def sample_regions(self, params, samples, ir, vi, masks):
+        del params, ir, vi
+        b, g = samples.shape[:2]
+        flat = jax.lax.stop_gradient(samples).reshape((b * g,) + samples.shape[2:])
+        c = self._region_contrast(flat, jnp.repeat(masks, g, axis=0)).reshape(b, g, -1)
         c = jax.lax.stop_gradient(c)
         return c, {"contrast": c}
 

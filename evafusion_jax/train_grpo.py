@@ -99,7 +99,10 @@ def load_reward(cfg):
 
 
 def _hparams(cfg) -> gt.TrainHParams:
-    return gt.TrainHParams.from_config({k: cfg[k] for k in cfg.keys()})
+    try:
+        return gt.TrainHParams.from_config({k: cfg[k] for k in cfg.keys()})
+    except ValueError as e:  # the message names the field (e.g. group_size)
+        raise ConfigError(f"bad config field: {e}") from None
 
 
 def _nan_batch(batch):
@@ -118,11 +121,11 @@ def _grid(ir, vi, before, after):
 def train(cfg) -> dict:
     """Runs (or resumes) a training run; returns the final metrics."""
     _validate(cfg)
+    hp = _hparams(cfg)
     parallel.maybe_initialize_distributed()
     mesh = parallel.data_mesh()
     workdir = Path(cfg.workdir)
     per_host = parallel.local_batch_size(int(cfg.data.batch_size), mesh)
-    hp = _hparams(cfg)
     params, mcfg = load_policy(cfg)
     reward_fn, reward_params = load_reward(cfg)
 

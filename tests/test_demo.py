@@ -42,6 +42,10 @@ def test_demo_writes_the_report_with_every_stage(report):
         assert s["heldout"][method]["reward"]["n"] == 2
         assert s["heldout"][method]["EN"]["n"] == 2
     assert np.isfinite(s["grpo"]["reward_start"]) and np.isfinite(s["grpo"]["reward_end"])
+    g = s["grpo"]
+    assert np.isfinite(g["policy_reward_before"]) and np.isfinite(g["policy_reward_after"])
+    assert g["policy_crops"] >= 2 and g["group_size"] == 8
+    assert "DCEvo before GRPO" in md and "DCEvo after GRPO" in md
 
 
 def test_demo_ran_each_training_stage(report):
@@ -61,7 +65,7 @@ def test_demo_ran_each_training_stage(report):
     logs = tu.read_jsonl(work / "grpo" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == [1, 2]
     assert all("reward/texture" in r and "kl" in r for r in logs)
-    # GRPO changed the network it started from (weight decay starts the motion, see demo.py)
+    # GRPO changed the network it started from
     before, _ = checkpoints.load_params(work / "fusion" / "dcevo_final", "dcevo")
     after, _ = checkpoints.load_params(work / "grpo" / "dcevo_final", "dcevo")
     import jax
@@ -82,6 +86,7 @@ def test_demo_refuses_a_non_empty_out_folder(report):
 @pytest.mark.parametrize("bad, message", [
     (["--pairs", "/definitely/not/here"], "--pairs /definitely/not/here does not exist"),
     (["--regions", "1"], "--regions must be >= 2"),
+    (["--grpo-group", "3"], "--grpo-group must be an even number"),
     (["--size", "32", "--crop", "32"], "need pairs of at least 48x48"),
     (["--crop", "80", "--size", "64"], "larger than the synthetic pairs"),
 ])

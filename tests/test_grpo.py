@@ -107,3 +107,49 @@ def test_gaussian_region_ratios_hand_values_and_gradient_at_old_policy():
     # at F = F_old: dr/dF = (a - F) / sigma^2 / n_pixels
     np.testing.assert_allclose(np.asarray(g)[0, 0, :, 0], [0.1 / 0.25 / 2, 0.3 / 0.25 / 2],
                                rtol=1e-5)
+
+
+def test_gaussian_region_ratios_with_a_group_axis_match_one_sample_at_a_time():
+    rng = np.random.default_rng(0)
+    f, f_old = (jnp.asarray(rng.random((2, 4, 4, 1)), jnp.float32) for _ in range(2))
+    actions = jnp.asarray(rng.random((2, 3, 4, 4, 1)), jnp.float32)
+    masks = jnp.asarray(rng.random((2, 2, 4, 4)) > 0.5, jnp.float32)
+    r = grpo.gaussian_region_ratios(f, f_old, actions, masks, sigma=0.3)
+    assert r.shape == (2, 3, 2)
+    for g in range(3):
+        np.testing.assert_allclose(
+            np.asarray(r[:, g]),
+            np.asarray(grpo.gaussian_region_ratios(f, f_old, actions[:, g], masks, 0.3)),
+            rtol=1e-6)
+
+
+def test_sampled_group_advantages_hand_values():
+    # rewards (B=1, G=2, K=3); region 2 invalid
+    rewards = jnp.array([[[1.0, 5.0, 9.0], [3.0, 5.0, 7.0]]])
+    valid = jnp.array([[True, True, False]])
+    a = np.asarray(grpo.sampled_group_advantages(rewards, valid, "samples"))
+    # centred per region over the samples: region 0 (-1, 1), region 1 (0, 0); one std over
+    # the pair's valid entries: sqrt((1 + 1 + 0 + 0) / 4); region 2 invalid -> 0
+    np.testing.assert_allclose(a[0, :, 0], [-np.sqrt(2), np.sqrt(2)], atol=1e-5)
+    assert np.all(a[0, :, 1:] == 0.0)
+    np.testing.assert_allclose(a.sum(axis=1), 0.0, atol=1e-6)
+    a = np.asarray(grpo.sampled_group_advantages(rewards, valid, "regions"))
+    np.testing.assert_allclose(a[0, 0, :2], [-1.0, 1.0], atol=1e-5)  # (1, 5) per sample
+    np.testing.assert_allclose(a[0, 1, :2], [-1.0, 1.0], atol=1e-5)  # (3, 5)
+    a = np.asarray(grpo.sampled_group_advantages(rewards, valid, "all"))
+    vals = np.array([1.0, 5.0, 3.0, 5.0])  # the valid (sample, region) entries
+    ref = (vals - vals.mean()) / vals.std()
+    np.testing.assert_allclose([a[0, 0, 0], a[0, 0, 1], a[0, 1, 0], a[0, 1, 1]], ref, atol=1e-5)
+    assert np.all(a[0, :, 2] == 0.0)
+    with pytest.raises(ValueError, match="advantage group"):
+        grpo.sampled_group_advantages(rewards, valid, "pairs")
+
+
+def test_antithetic_actions_mirror_around_the_old_policy():
+    f_old = jnp.full((1, 2, 2, 1), 0.5)
+    noise = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 2, 2, 1)), jnp.float32)
+    a = np.asarray(grpo.sample_actions(f_old, noise, 0.1, antithetic=True))
+    np.testing.assert_allclose(a[:, :2] - 0.5, -(a[:, 2:] - 0.5), atol=1e-7)
+    np.testing.assert_allclose(a[:, :2], 0.5 + 0.1 * np.asarray(noise[:, :2]), atol=1e-7)
+    with pytest.raises(ValueError, match="even group size"):
+        grpo.sample_actions(f_old, noise[:, :3], 0.1, antithetic=True)

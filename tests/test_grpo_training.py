@@ -32,23 +32,41 @@ def _batch(seed=0, b=2, h=16, k=4):
             "vi": rng.random((b, h, h, 1)).astype(np.float32), "masks": masks, "valid": valid}
 
 
-def test_surrogate_gradient_is_zero_without_lag_and_nonzero_with_lag():
-    params = dcevo.init_params(CFG, jax.random.PRNGKey(0))
-    hp = gt.TrainHParams(objective="grpo", beta=0.0)
+def _surrogate_grads(hp, params, old):
     batch = jax.tree_util.tree_map(jnp.asarray, _batch())
     rf = reward_fns.ContrastReward()
+    state = {"old_params": old, "ref_params": params, "step": jnp.zeros((), jnp.int32)}
+    g = jax.jit(jax.grad(lambda p: gt.loss_fn(p, state, {}, batch, hp=hp, model_config=CFG,
+                                              reward_fn=rf)[0]))(params)
+    return jax.tree_util.tree_leaves(g)
 
-    @jax.jit
-    def grads(old):
-        state = {"old_params": old, "ref_params": params}
-        return jax.grad(lambda p: gt.loss_fn(p, state, {}, batch, hp=hp, model_config=CFG,
-                                             reward_fn=rf)[0])(params)
 
-    same = jax.tree_util.tree_leaves(grads(params))
+def test_l1_ratio_gradient_is_zero_without_lag_and_nonzero_with_lag():
+    params = dcevo.init_params(CFG, jax.random.PRNGKey(0))
+    hp = gt.TrainHParams(objective="grpo", ratio="l1", beta=0.0)
+    same = _surrogate_grads(hp, params, params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in same)
     lagging = jax.tree_util.tree_map(lambda x: x * 0.98, params)
-    g = jax.tree_util.tree_leaves(grads(lagging))
+    g = _surrogate_grads(hp, params, lagging)
     assert sum(float(jnp.abs(x).sum()) for x in g) > 0
+
+
+def test_sampled_group_gradient_is_nonzero_at_the_old_policy():
+    # The default (ratio="gaussian") has a policy gradient at theta_old == theta; the
+    # direction flips with the sign of the advantages (reward negated = gradient negated).
+    params = dcevo.init_params(CFG, jax.random.PRNGKey(0))
+    hp = gt.TrainHParams(objective="grpo", beta=0.0)
+    assert hp.ratio == "gaussian" and hp.group_size == 4
+    g = _surrogate_grads(hp, params, params)
+    assert sum(float(jnp.abs(x).sum()) for x in g) > 0
+    batch = jax.tree_util.tree_map(jnp.asarray, _batch())
+    state = {"old_params": params, "ref_params": params, "step": jnp.zeros((), jnp.int32)}
+    neg = reward_fns.ContrastReward(scale=-1.0)
+    g_neg = jax.tree_util.tree_leaves(jax.jit(jax.grad(
+        lambda p: gt.loss_fn(p, state, {}, batch, hp=hp, model_config=CFG,
+                             reward_fn=neg)[0]))(params))
+    for a, b in zip(g, g_neg):
+        np.testing.assert_allclose(np.asarray(a), -np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
 def _run(objective, steps, lag=None, **hp_kw):
@@ -85,10 +103,28 @@ def test_direct_objective_raises_the_mean_reward():
     assert after > before * 1.05, (before, after)
 
 
-def test_grpo_step_raises_the_clipped_surrogate_and_logs_statistics():
-    # theta_old fixed (interval > steps) and lagging: the update must increase
-    # mean min(r A, clip(r) A), the quantity GRPO maximises.
-    _, state, _, history, _ = _run("grpo", 12, lag=0.98, old_policy_interval=1000)
+def test_grpo_objective_raises_the_mean_reward():
+    # The default GRPO (a group of 4 sampled fusions per pair, antithetic, advantages per
+    # region over the samples): the mean region reward of the deterministic output F rises.
+    params, state, batches, history, rf = _run("grpo", 30)
+    evaluate = gt.make_eval_fn(CFG, rf)
+
+    def mean_reward(p):
+        return float(np.mean([np.asarray(evaluate(p, {}, b)["reward"])[b["valid"]].mean()
+                              for b in batches]))
+
+    before, after = mean_reward(params), mean_reward(state["params"])
+    assert np.isfinite(history[-1]["loss"])
+    assert after > before * 1.03, (before, after)
+    h = history[-1]
+    assert h["adv_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert h["regions_per_image"] == pytest.approx(3.5)
+
+
+def test_l1_ratio_step_raises_the_clipped_surrogate_and_logs_statistics():
+    # The paper's ratio, theta_old fixed (interval > steps) and lagging: the update must
+    # increase mean min(r A, clip(r) A), the quantity GRPO maximises.
+    _, state, _, history, _ = _run("grpo", 12, lag=0.98, old_policy_interval=1000, ratio="l1")
     first = np.mean([h["surrogate"] for h in history[:3]])
     last = np.mean([h["surrogate"] for h in history[-3:]])
     assert last > first, (first, last)

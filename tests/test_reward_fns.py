@@ -70,3 +70,15 @@ def test_contrast_reward_hand_value():
     assert img.shape == (1,) and float(img[0]) > 0
     with pytest.raises(ValueError, match="unknown reward kind"):
         reward_fns.make_reward_fn("clip")
+
+
+@pytest.mark.parametrize("kind", ["model", "contrast"])
+def test_sample_regions_equal_regions_of_each_sample(tiny, kind):
+    cfg, params, ir, vi, fused, masks = tiny
+    fn = reward_fns.ModelReward(cfg) if kind == "model" else reward_fns.ContrastReward()
+    samples = jnp.stack([fused, 1.0 - fused, fused * 0.5], axis=1)  # (B, G=3, H, W, 1)
+    total, terms = jax.jit(fn.sample_regions)(params, samples, ir, vi, masks)
+    assert total.shape == (2, 3, 3) and set(terms) == set(fn.term_names)
+    for g in range(3):
+        exp, _ = jax.jit(fn.regions)(params, samples[:, g], ir, vi, masks)
+        np.testing.assert_allclose(np.asarray(total[:, g]), np.asarray(exp), rtol=1e-4, atol=1e-5)

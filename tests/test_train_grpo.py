@@ -98,4 +98,8 @@ def test_config_errors_name_the_field(data, tmp_path):
                               str(REPO / "configs" / "grpo.py"))
     with pytest.raises(train_grpo.ConfigError, match="reward_checkpoint"):
         train_grpo.train(cfg)
+    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.group_size=3"),
+                              str(REPO / "configs" / "grpo.py"))
+    with pytest.raises(train_grpo.ConfigError, match="even group_size"):
+        train_grpo.train(cfg)
     assert not (tmp_path / "w").exists()
