@@ -40,6 +40,22 @@ def _to_numpy_tree(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
 
 
+def _process_local_checkpointer():
+    """An Orbax checkpointer that involves only this process.
+
+    ``save_params`` / ``load_params`` handle host-local NumPy trees, and in a multi-process
+    run only one process exports (process 0), so Orbax's default barriers across all
+    processes would wait forever for the others.
+    """
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"evafusion_p{me}"))
+
+
 def save_params(path: str | os.PathLike, params: Any, config: dict, kind: str,
                 overwrite: bool = False, extra: dict | None = None) -> Path:
     """Saves ``params`` and the JSON-serialisable ``config`` to the folder ``path``.
@@ -53,11 +69,12 @@ def save_params(path: str | os.PathLike, params: Any, config: dict, kind: str,
       extra: optional JSON-serialisable metadata stored next to the config
         (for example the converter's list of skipped keys).
 
+    In a multi-process run, call it from one process only (the others must not write
+    to the same ``path``): it synchronises with no other process.
+
     Returns:
       The checkpoint path.
     """
-    import orbax.checkpoint as ocp
-
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path).absolute()
@@ -73,7 +90,7 @@ def save_params(path: str | os.PathLike, params: Any, config: dict, kind: str,
         raise TypeError(f"config for {kind!r} checkpoint is not JSON-serialisable: {e}") from e
     tmp = staging_dir(path)
     try:
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _process_local_checkpointer()
         ckptr.save(tmp / "params", _to_numpy_tree(params))
         ckptr.wait_until_finished()
         (tmp / "config.json").write_text(meta_text)
@@ -109,12 +126,13 @@ def load_params(path: str | os.PathLike, expected_kind: str | None = None,
     """Restores ``(params, config_dict)`` from a folder written by :func:`save_params`.
 
     Arrays come back as host NumPy arrays unless ``sharding`` (a
-    ``jax.sharding.Sharding`` applied to every leaf) is given.
+    ``jax.sharding.Sharding`` applied to every leaf) is given. Without ``sharding``
+    each process reads on its own (no synchronisation between processes).
     """
     import orbax.checkpoint as ocp
 
     meta = read_config(path, expected_kind)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer() if sharding is not None else _process_local_checkpointer()
     params_dir = Path(path).absolute() / "params"
     metadata = ckptr.metadata(params_dir)
     tree_meta = getattr(metadata, "item_metadata", metadata)

@@ -90,31 +90,27 @@ def _run(objective, steps, lag=None, **hp_kw):
     return params, parallel.unreplicate(state), batches, history, rf
 
 
-def test_direct_objective_raises_the_mean_reward():
-    params, state, batches, history, rf = _run("direct", 24)
+def _mean_reward_before_after(objective, steps):
+    params, state, batches, history, rf = _run(objective, steps)
     evaluate = gt.make_eval_fn(CFG, rf)
 
     def mean_reward(p):
         return float(np.mean([np.asarray(evaluate(p, {}, b)["reward"])[b["valid"]].mean()
                               for b in batches]))
 
-    before, after = mean_reward(params), mean_reward(state["params"])
     assert np.isfinite(history[-1]["loss"])
+    return mean_reward(params), mean_reward(state["params"]), history
+
+
+def test_direct_objective_raises_the_mean_reward():
+    before, after, _ = _mean_reward_before_after("direct", 24)
     assert after > before * 1.05, (before, after)
 
 
 def test_grpo_objective_raises_the_mean_reward():
     # The default GRPO (a group of 4 sampled fusions per pair, antithetic, advantages per
     # region over the samples): the mean region reward of the deterministic output F rises.
-    params, state, batches, history, rf = _run("grpo", 30)
-    evaluate = gt.make_eval_fn(CFG, rf)
-
-    def mean_reward(p):
-        return float(np.mean([np.asarray(evaluate(p, {}, b)["reward"])[b["valid"]].mean()
-                              for b in batches]))
-
-    before, after = mean_reward(params), mean_reward(state["params"])
-    assert np.isfinite(history[-1]["loss"])
+    before, after, history = _mean_reward_before_after("grpo", 30)
     assert after > before * 1.03, (before, after)
     h = history[-1]
     assert h["adv_mean"] == pytest.approx(0.0, abs=1e-5)

@@ -103,3 +103,38 @@ def test_config_errors_name_the_field(data, tmp_path):
     with pytest.raises(train_grpo.ConfigError, match="even group_size"):
         train_grpo.train(cfg)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_two_process_run_finishes_and_process_zero_exports(data, tmp_path):
+    # Two processes (jax.distributed on 127.0.0.1, one CPU device each): training, the
+    # Orbax train-state checkpoints (all processes) and the final export (process 0 only)
+    # must not wait on each other forever.
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path / "w"
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "evafusion_jax.train_grpo"]
+            + _args(data, work, "--config.data.batch_size=2"),
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a process of the 2-process run hung")
+        assert p.returncode == 0, err[-3000:]
+    params, cfg = checkpoints.load_params(work / "dcevo_final", "dcevo")
+    assert cfg["dim"] == 8
+    assert [r["step"] for r in tu.read_jsonl(work / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (work / "checkpoints" / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["2", "4"]
