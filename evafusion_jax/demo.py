@@ -325,7 +325,7 @@ def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict
     policy = _policy_region_reward(cfg, mcfg, {"before": params, "after": after})
     return {"checkpoint": gdir / "dcevo_final", "steps": int(cfg.max_steps),
             "region_source": source, "regions_per_image": _mean(valid),
-            "group_size": int(cfg.group_size),
+            "group_size": int(cfg.group_size), "exploration_std": float(cfg.exploration_std),
             "reward_start": _mean(rewards[:k]), "reward_end": _mean(rewards[-k:]),
             "policy_reward_before": policy["before"], "policy_reward_after": policy["after"],
             "policy_crops": policy["crops"],
@@ -565,7 +565,9 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
     md.append(f"Regions: {g['region_source']} on the warm-up network's fused images, K = "
               f"{args.regions} slots, {g['regions_per_image']:.1f} valid per image on average. "
               f"GRPO: {g['steps']} steps, batch {args.batch}, crops {args.crop}x{args.crop}, "
-              f"learning rate {args.grpo_lr:g}, KL weight 0.1, auxiliary fusion-loss weight "
+              f"a group of {g['group_size']} sampled fusions per pair (Gaussian policy around "
+              f"DCEvo's output, sigma {g['exploration_std']:g}, mirrored pairs), learning rate "
+              f"{args.grpo_lr:g}, KL weight 0.1, auxiliary fusion-loss weight "
               f"{args.grpo_fusion_weight:g}.\n\n")
     up = g["policy_reward_after"] - g["policy_reward_before"]
     md.append(_md_table(["", "mean region reward"], [

@@ -38,8 +38,8 @@ theta_old becomes the parameters from *before* that update, so it lags the curre
 parameters by at least one update (for ``ratio="l1"`` with theta_old == theta the
 ratio's gradient is exactly zero, so that ratio's first step moves the parameters
 only through the KL/auxiliary terms and the weight decay). With the default
-interval 1 the sampling policy is the previous step's network, as in on-policy
-GRPO with one update per batch.
+interval 1 the ``gaussian`` samples come from the network before the last update
+(one update off-policy: the likelihood ratio corrects for it, the clipping bounds it).
 
 Exploration noise is keyed by (``noise_seed``, step, global pair index), so a pair
 gets the same samples whatever the number of devices or hosts, and a resumed run
@@ -48,10 +48,10 @@ draws the same samples as an uninterrupted one.
 Data parallel: the step runs per device shard under ``jax.shard_map`` over the
 ``"data"`` mesh axis (:mod:`evafusion_jax.parallel`). Each shard's loss is scaled
 so that the ``psum`` of the shard gradients is the gradient of the global-batch
-loss: the GRPO surrogate is divided by the *global* number of valid regions, and
-per-pixel means by the number of shards. So the step on N devices equals the
-1-device step on the same global batch (up to float summation order). The
-decomposition loss (a ratio of batch means) is computed per shard, as
+loss: the GRPO surrogate is divided by the *global* number of valid (sample,)
+region entries, and per-pixel means by the number of shards. So the step on N
+devices equals the 1-device step on the same global batch (up to float summation
+order). The decomposition loss (a ratio of batch means) is computed per shard, as
 ``nn.DataParallel`` replicas would; it is therefore not exactly the global one
 for the ``direct``/``fusion`` objectives on several devices.
 
