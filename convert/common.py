@@ -9,6 +9,7 @@ key. Nothing is downloaded; only local files are read.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -168,3 +169,17 @@ def check_tree_shapes(expected: Mapping, got: Mapping, what: str) -> None:
         if tuple(np.shape(fe[k])) != tuple(np.shape(fg[k])):
             raise ConversionError(f"{what}: parameter {k} has shape {np.shape(fg[k])}, "
                                   f"model expects {np.shape(fe[k])}")
+
+
+def run_cli(action: Callable[[], Any]) -> int:
+    """Runs a converter's ``action`` (returns the written path) as a command: 0 on success,
+    2 with a one-line error for a bad input (no traceback)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("convert")
+    try:
+        path = action()
+    except (ConversionError, FileExistsError, ValueError) as e:
+        log.error("error: %s", e)
+        return 2
+    log.info("wrote %s", path)
+    return 0

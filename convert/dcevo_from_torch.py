@@ -32,7 +32,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.common import ConversionError, KeyReader, flatten_tree, load_torch_file
+from convert.common import (ConversionError, KeyReader, flatten_tree, load_torch_file,
+                            run_cli)
 
 log = logging.getLogger(__name__)
 
@@ -325,23 +326,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", action="store_true",
                         help="export an evafusion_jax dcevo checkpoint to a PyTorch .pth")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def action():
         if args.export:
             if args.config_json:
                 raise ConversionError("--config-json is not used with --export (the checkpoint "
                                       "folder holds its config)")
-            out = export_file(args.src, args.dst, overwrite=args.overwrite)
-            log.info("wrote %s", out)
-        else:
-            config = _read_config_json(args.config_json) if args.config_json else None
-            out = convert_file(args.src, args.dst, config=config, overwrite=args.overwrite)
-            log.info("wrote %s", out)
-    except (ConversionError, FileExistsError, ValueError) as e:
-        log.error("error: %s", e)
-        return 2
-    return 0
+            return export_file(args.src, args.dst, overwrite=args.overwrite)
+        config = _read_config_json(args.config_json) if args.config_json else None
+        return convert_file(args.src, args.dst, config=config, overwrite=args.overwrite)
 
+    return run_cli(action)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.common import (ConversionError, KeyReader, conv, conv_transpose, linear,
+from convert.common import (ConversionError, KeyReader, run_cli, conv, conv_transpose, linear,
                             load_state_dict)
 from convert.vit_from_hf import vit_params_from_reader
 from evafusion_jax import checkpoints
@@ -192,15 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vit-config", help="HF config.json (or our ViT config JSON) of the backbone")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = convert(args.checkpoint, args.out, args.vit_config, args.overwrite)
-    except (ConversionError, FileExistsError) as e:
-        log.error("error: %s", e)
-        return 2
-    log.info("wrote %s", path)
-    return 0
-
+    return run_cli(lambda: convert(args.checkpoint, args.out, args.vit_config, args.overwrite))
 
 if __name__ == "__main__":
     sys.exit(main())

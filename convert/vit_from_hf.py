@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.common import ConversionError, KeyReader, conv, linear, load_state_dict
+from convert.common import (ConversionError, KeyReader, conv, linear, load_state_dict,
+                            run_cli)
 from evafusion_jax import checkpoints
 from evafusion_jax.vit import ViTConfig
 
@@ -187,15 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="output checkpoint folder")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = convert(args.hf_folder, args.out, args.overwrite)
-    except (ConversionError, FileExistsError) as e:
-        log.error("error: %s", e)
-        return 2
-    log.info("wrote %s", path)
-    return 0
-
+    return run_cli(lambda: convert(args.hf_folder, args.out, args.overwrite))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evafusion_jax import numerics
 from evafusion_jax.init_utils import init_tree
 
 __all__ = [
@@ -54,10 +55,6 @@ __all__ = [
     "apply_model",
     "validate_inputs",
 ]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
-               "default": jax.lax.Precision.DEFAULT}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +99,7 @@ class DCEvoConfig:
         if not (self.ffn_expansion_factor > 0) or int(self.dim * self.ffn_expansion_factor) < 1:
             raise ValueError("DCEvoConfig.ffn_expansion_factor must give at least one hidden "
                              f"channel, got {self.ffn_expansion_factor!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"DCEvoConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"DCEvoConfig.precision must be one of {sorted(_PRECISIONS)}, "
-                             f"got {self.precision!r}")
+        numerics.check("DCEvoConfig", self.dtype, self.precision)
 
     @property
     def ffn_hidden(self) -> int:
@@ -114,11 +107,11 @@ class DCEvoConfig:
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return numerics.DTYPES[self.dtype]
 
     @property
     def lax_precision(self):
-        return _PRECISIONS[self.precision]
+        return numerics.PRECISIONS[self.precision]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

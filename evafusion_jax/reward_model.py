@@ -34,15 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evafusion_jax import numerics
 from evafusion_jax import vit as vit_lib
 from evafusion_jax.init_utils import init_tree
 from evafusion_jax.vit import ViTConfig
 
 SCORE_TYPES = ("Thermal_Retention", "Texture_Preservation", "Artifacts", "Sharpness", "Overall_Score")
 HEATMAP_TYPES = ("artifact_heatmap",)
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_PRECISIONS = {None: None, "default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
-               "highest": jax.lax.Precision.HIGHEST}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +74,15 @@ class RewardConfig:
         if self.vit.hidden_size // self.score_conv_divisors[-1] < 1:
             raise ValueError(f"RewardConfig: hidden_size {self.vit.hidden_size} // "
                              f"{self.score_conv_divisors[-1]} leaves no channel for the score heads")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"RewardConfig: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"RewardConfig: precision must be one of {list(_PRECISIONS)}, "
-                             f"got {self.precision!r}")
+        numerics.check("RewardConfig", self.dtype, self.precision)
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return numerics.DTYPES[self.dtype]
 
     @property
     def lax_precision(self):
-        return _PRECISIONS[self.precision]
+        return numerics.PRECISIONS[self.precision]
 
     def replace(self, **kw) -> "RewardConfig":
         return dataclasses.replace(self, **kw)
