@@ -74,13 +74,18 @@ class PairDataError(ValueError):
 # images
 
 
-def _read(path: Path) -> np.ndarray:
+def _on_image(fn, path: Path):
+    """``fn(path)``, with a missing or unreadable file as a :class:`PairDataError` naming it."""
     try:
-        return image_io.read_image(path)
+        return fn(path)
     except FileNotFoundError:
         raise PairDataError(f"image {path} does not exist") from None
     except Exception as e:
         raise PairDataError(f"cannot read image {path}: {e}") from e
+
+
+def _read(path: Path) -> np.ndarray:
+    return _on_image(image_io.read_image, path)
 
 
 def read_gray(path: str | os.PathLike) -> np.ndarray:
@@ -96,13 +101,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` from the file header (no full decode)."""
-    path = Path(path)
-    try:
-        return image_io.image_size(path)
-    except FileNotFoundError:
-        raise PairDataError(f"image {path} does not exist") from None
-    except Exception as e:
-        raise PairDataError(f"cannot read image {path}: {e}") from e
+    return _on_image(image_io.image_size, Path(path))
 
 
 def _list_images(folder: Path) -> list[str]:
