@@ -263,18 +263,18 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
             ratios = grpo.gaussian_region_ratios(fused, fused_old, actions, masks,
                                                  hp.exploration_std)  # (B, G, K)
             adv = grpo.sampled_group_advantages(rewards, valid, hp.advantage_group, hp.adv_eps)
-            valid = jnp.broadcast_to(valid[:, None, :], rewards.shape)
+            entries = jnp.broadcast_to(valid[:, None, :], rewards.shape)  # (B, G, K)
         else:
             rewards, terms = reward_fn.regions(reward_params, fused, ir, vi, masks)
             ratios = grpo.region_ratios(fused, fused_old, masks, hp.ratio_alpha, hp.ratio_eps)
             adv = grpo.group_advantages(rewards, valid, hp.adv_eps)
-        obj, clipped = grpo.clipped_surrogate_terms(ratios, adv, valid, hp.clip_eps)
-        vf = valid.astype(jnp.float32)
-        n_global = jnp.maximum(_psum(jnp.sum(vf), axis_name), 1.0)
+            entries = valid  # (B, K)
+        obj, clipped = grpo.clipped_surrogate_terms(ratios, adv, entries, hp.clip_eps)
+        n_global = jnp.maximum(_psum(jnp.sum(entries.astype(jnp.float32)), axis_name), 1.0)
         surrogate = jnp.sum(obj) / n_global
         kl = grpo.gaussian_kl(fused, fused_ref, hp.kl_sigma)
         loss = -surrogate + hp.beta * kl / n_shards
-        gsum = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_global  # noqa: E731
+        gsum = lambda x: jnp.sum(jnp.where(entries, x, 0.0)) / n_global  # noqa: E731
         metrics["reward"] = (gsum(rewards), "sum")
         for name, t in terms.items():
             metrics[f"reward/{name}"] = (gsum(t), "sum")
@@ -282,14 +282,14 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
         metrics["kl"] = (kl, "mean")
         metrics["clip_fraction"] = (jnp.sum(clipped) / n_global, "sum")
         metrics["ratio_mean"] = (gsum(ratios), "sum")
-        metrics["ratio_max"] = (jnp.max(jnp.where(valid, ratios, 1.0)), "max")
+        metrics["ratio_max"] = (jnp.max(jnp.where(entries, ratios, 1.0)), "max")
         metrics["adv_mean"] = (gsum(adv), "sum")
         metrics["adv_sq"] = (gsum(adv * adv), "sum")
         big = jnp.float32(3.0e38)
-        metrics["adv_min"] = (jnp.min(jnp.where(valid, adv, big)), "min")
-        metrics["adv_max"] = (jnp.max(jnp.where(valid, adv, -big)), "max")
-        metrics["regions_per_image"] = (jnp.mean(jnp.sum(vf[:, 0] if vf.ndim == 3 else vf,
-                                                         axis=-1)), "mean")
+        metrics["adv_min"] = (jnp.min(jnp.where(entries, adv, big)), "min")
+        metrics["adv_max"] = (jnp.max(jnp.where(entries, adv, -big)), "max")
+        metrics["regions_per_image"] = (jnp.mean(jnp.sum(valid.astype(jnp.float32), axis=-1)),
+                                        "mean")
         aux = _aux_losses(feats, ir, vi, hp, hp.grpo_fusion_weight, hp.grpo_decomp_weight,
                           hp.grpo_pseudo_weight)
     elif hp.objective == "direct":
