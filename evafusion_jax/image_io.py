@@ -166,6 +166,87 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected 1 or 3 channels, got shape {image.shape}")
 
 
+# OpenCV's 8-bit colour -> grey rules, as integer arithmetic on (R, G, B) levels:
+# ((R, G, B) coefficients, right shift, round (add half before shifting) or truncate).
+_OPENCV_GRAY_RULES = {
+    # cv2.cvtColor(BGR2GRAY) on uint8 (also IMREAD_GRAYSCALE of WebP): 15-bit coefficients, rounded.
+    "cvtcolor": ((9798, 19235, 3735), 15, True),
+    # IMREAD_GRAYSCALE of PNG: libpng's png_set_rgb_to_gray(0.299, 0.587), truncated.
+    "libpng": ((9797, 19234, 3737), 15, False),
+    # IMREAD_GRAYSCALE of BMP, TIFF, PPM: OpenCV's own 14-bit coefficients, rounded.
+    "opencv14": ((4899, 9617, 1868), 14, True),
+}
+GRAY_CONVENTIONS = ("cvtcolor", "imread", "float")
+
+
+def gray_levels_opencv(rgb: np.ndarray, rule: str = "cvtcolor") -> np.ndarray:
+    """8-bit ``(H, W, 3)`` RGB levels -> ``uint8 (H, W)`` grey levels, bit-exact to OpenCV's fixed point.
+
+    ``rule``: ``"cvtcolor"`` (``cv2.cvtColor(bgr, COLOR_BGR2GRAY)`` on uint8:
+    ``(9798 R + 19235 G + 3735 B + 2^14) >> 15``), ``"libpng"`` (``cv2.imread(png,
+    IMREAD_GRAYSCALE)``: ``(9797 R + 19234 G + 3737 B) >> 15``, truncated) or
+    ``"opencv14"`` (``IMREAD_GRAYSCALE`` of BMP/TIFF/PPM: ``(4899 R + 9617 G + 1868 B + 2^13) >> 14``).
+    ``rgb`` holds whole levels 0..255 (any integer or float dtype). All three rules
+    give ``v`` for a grey pixel ``R = G = B = v``; they differ from rounding the exact
+    BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` at (and for ``libpng`` below) ``.5`` ties.
+    """
+    if rule not in _OPENCV_GRAY_RULES:
+        raise ValueError(f"unknown grey rule {rule!r}; choose from {sorted(_OPENCV_GRAY_RULES)}")
+    x = np.asarray(rgb)
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"gray_levels_opencv expects (H, W, 3) RGB levels, got shape {x.shape}")
+    (cr, cg, cb), shift, rounded = _OPENCV_GRAY_RULES[rule]
+    x = x.astype(np.int32)  # at most 32768 * 255 + 2^14: fits
+    acc = cr * x[..., 0] + cg * x[..., 1] + cb * x[..., 2] + ((1 << (shift - 1)) if rounded else 0)
+    return (acc >> shift).astype(np.uint8)
+
+
+def _imread_rule(fmt: str | None) -> str:
+    return {"PNG": "libpng", "BMP": "opencv14", "TIFF": "opencv14", "PPM": "opencv14"}.get(fmt or "", "cvtcolor")
+
+
+def read_gray_levels(path: str | os.PathLike, convention: str = "cvtcolor") -> np.ndarray:
+    """Reads an image as grey levels ``float64 (H, W)`` on the 0-255 scale, the way OpenCV-based code does.
+
+    ``convention``:
+
+    * ``"cvtcolor"``: ``cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2GRAY)`` (bit-exact for 8-bit files);
+    * ``"imread"``: ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)``, whose rule depends on the format:
+      PNG through libpng (truncating), BMP/TIFF/PPM with OpenCV's 14-bit rule, JPEG as the decoder's
+      own luma (Pillow's grey JPEG decoding, the same libjpeg path), others as ``cvtcolor``;
+    * ``"float"``: :func:`read_image` + :func:`to_gray` (exact BT.601 luma), rounded to levels
+      (half to even).
+
+    Single-channel files are returned as stored (8-bit levels; 16-bit ones scaled to 0-255 and
+    rounded). Colour files that are not 8-bit fall back to ``"float"``.
+    """
+    if convention not in GRAY_CONVENTIONS:
+        raise ValueError(f"unknown grey convention {convention!r}; choose from {list(GRAY_CONVENTIONS)}")
+    path = str(path)
+    if convention != "float":
+        try:
+            with Image.open(path) as img:
+                fmt = img.format
+                if convention == "imread" and fmt == "JPEG" and img.mode in ("RGB", "YCbCr"):
+                    img.draft("L", img.size)  # the decoder's luma, as libjpeg's grey output
+                    img.load()
+                    if img.mode == "L":
+                        return np.asarray(img).astype(np.float64)
+                img.load()
+                if img.mode == "L":
+                    return np.asarray(img).astype(np.float64)
+                if img.mode in ("RGB", "RGBA", "P", "RGBX", "CMYK", "YCbCr"):
+                    rgb = np.asarray(img.convert("RGB"))
+                    rule = "cvtcolor" if convention == "cvtcolor" else _imread_rule(fmt)
+                    return gray_levels_opencv(rgb, rule).astype(np.float64)
+        except FileNotFoundError:
+            raise
+        except Exception:  # read_image below reports unreadable files with their name
+            pass
+    g = to_gray(read_image(path))[..., 0].astype(np.float64)
+    return np.round(g * 255.0)
+
+
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bicubic resampling of an ``(H, W, C)`` float image (per channel, Pillow ``F`` mode), clipped to [0, 1]."""
     chans = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")

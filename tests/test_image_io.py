@@ -115,3 +115,66 @@ def test_output_dir_checks_and_commit(tmp_path):
     with pytest.raises(image_io.OutputFolderError, match="input folder"):
         image_io.check_output_dir(out / "sub", inputs=[out], overwrite=True)
     image_io.check_output_dir(out, overwrite=True)
+
+
+# ----------------------------------------------------------------------------- OpenCV grey levels
+
+def _all_colours():
+    v = np.arange(256, dtype=np.uint8)
+    r, g, b = np.meshgrid(v, v, v, indexing="ij")
+    return np.stack([r, g, b], axis=-1).reshape(4096, 4096, 3)
+
+
+def _tie_image():
+    """Colour image made of every (R, G, B) whose exact BT.601 luma ends in .5, then random colours."""
+    v = np.arange(256, dtype=np.int64)
+    r, g, b = (a.ravel() for a in np.meshgrid(v, v, v, indexing="ij"))
+    tie = (299 * r + 587 * g + 114 * b) % 1000 == 500
+    rgb = np.stack([r[tie], g[tie], b[tie]], axis=-1).astype(np.uint8)
+    n = 130 * 160
+    rgb = np.concatenate([rgb, _rng().integers(0, 256, (n - len(rgb), 3), dtype=np.uint8)])
+    return rgb.reshape(130, 160, 3)
+
+
+def test_gray_levels_match_cvtcolor_on_every_colour():
+    cv2 = pytest.importorskip("cv2")
+    rgb = _all_colours()
+    ours = image_io.gray_levels_opencv(rgb, "cvtcolor")
+    assert np.array_equal(ours, cv2.cvtColor(np.ascontiguousarray(rgb[..., ::-1]), cv2.COLOR_BGR2GRAY))
+    # the exact luma rounded half to even is not OpenCV's rule at ties
+    exact = np.round(rgb.reshape(-1, 3).astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+    assert np.count_nonzero(exact != ours.ravel()) > 1000
+
+
+@pytest.mark.parametrize("ext", ["png", "bmp", "tif", "ppm", "webp", "jpg"])
+def test_read_gray_levels_match_opencv_on_ties(tmp_path, ext):
+    cv2 = pytest.importorskip("cv2")
+    rgb = _tie_image()
+    path = str(tmp_path / f"ties.{ext}")
+    params = [cv2.IMWRITE_WEBP_QUALITY, 101] if ext == "webp" else []
+    assert cv2.imwrite(path, np.ascontiguousarray(rgb[..., ::-1]), params)
+    want_imread = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    want_cvt = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2GRAY)
+    assert not np.array_equal(want_imread, want_cvt) or ext == "webp"  # the two OpenCV paths differ
+    got_imread = image_io.read_gray_levels(path, "imread")
+    got_cvt = image_io.read_gray_levels(path, "cvtcolor")
+    assert got_imread.dtype == np.float64 and got_imread.shape == rgb.shape[:2]
+    np.testing.assert_array_equal(got_imread, want_imread)
+    np.testing.assert_array_equal(got_cvt, want_cvt)
+
+
+def test_read_gray_levels_grey_files_and_fallbacks(tmp_path):
+    gray = _rng().integers(0, 256, (9, 11), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    for conv in image_io.GRAY_CONVENTIONS:
+        np.testing.assert_array_equal(image_io.read_gray_levels(tmp_path / "g.png", conv), gray)
+    rgb16 = _rng().random((6, 7)) * 0.5
+    image_io.save_image(tmp_path / "g16.png", rgb16, bit_depth=16)
+    np.testing.assert_array_equal(image_io.read_gray_levels(tmp_path / "g16.png"), np.round(rgb16 * 255))
+    with pytest.raises(ValueError, match="grey convention"):
+        image_io.read_gray_levels(tmp_path / "g.png", "matlab")
+    with pytest.raises(ValueError, match="grey rule"):
+        image_io.gray_levels_opencv(np.zeros((2, 2, 3)), "foo")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(image_io.ImageReadError, match="bad.png"):
+        image_io.read_gray_levels(tmp_path / "bad.png")
