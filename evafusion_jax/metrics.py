@@ -40,7 +40,7 @@ from evafusion_jax.metrics_nr import brisque, niqe
 
 __all__ = [
     "entropy", "standard_deviation", "spatial_frequency", "average_gradient", "mutual_information",
-    "mutual_information_pair", "scd", "vif", "vif_pair", "qabf", "ssim", "ssim_pair", "correlation_coefficient",
+    "mutual_information_pair", "scd", "vif", "vif_pair", "qabf", "ssim", "ssim_evaluator", "ssim_pair", "correlation_coefficient",
     "correlation_pair", "mse", "psnr_maxf", "psnr_unit", "niqe", "brisque", "METRIC_NAMES", "REFERENCE_METRICS",
     "NO_REFERENCE_METRICS", "HIGHER_IS_BETTER", "compute_metrics", "as_gray255",
 ]
@@ -223,11 +223,30 @@ def ssim_pair(x: np.ndarray, y: np.ndarray, data_range: float = 255.0, win_size:
     return float(s[pad:-pad, pad:-pad].mean())
 
 
-def ssim(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> float:
-    """SSIM = ``SSIM(F, A) + SSIM(F, B)`` (sum, so at most 2), each as :func:`ssim_pair` with ``data_range=255``.
+#: The Evaluator's SSIM range: ``structural_similarity`` on float images without ``data_range``
+#: takes it from the dtype under scikit-image 0.19 (the version CDDFuse pins), ``1 - (-1) = 2``.
+EVALUATOR_SSIM_RANGE = 2.0
 
-    Some copies of the Evaluator pass ``data_range = max(F) - min(F)`` instead;
-    for 8-bit fused images spanning most of 0-255 the two agree closely.
+
+def ssim_evaluator(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> float:
+    """SSIM as the IVIF Evaluator (the ``SSIM`` column): ``SSIM(F, A) + SSIM(F, B)`` on 0-255 with ``data_range=2``.
+
+    The CDDFuse ``Evaluator`` calls ``skimage.metrics.structural_similarity(F, A)``
+    on float 0-255 images without ``data_range``; under scikit-image 0.19 the range
+    is then the float dtype's, 2, so ``C1 = (0.02)^2`` and ``C2 = (0.06)^2`` are
+    negligible against 0-255 statistics. Published IVIF SSIM tables (about 1.0 on
+    TNO) use this. Otherwise as :func:`ssim_pair`. At most 2.
+    """
+    _triplet(fused, ir, vi)
+    return ssim_pair(fused, ir, EVALUATOR_SSIM_RANGE) + ssim_pair(fused, vi, EVALUATOR_SSIM_RANGE)
+
+
+def ssim(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> float:
+    """SSIM with the image's true range (the ``SSIM_255`` column): ``SSIM(F, A) + SSIM(F, B)``, ``data_range=255``.
+
+    Each term as :func:`ssim_pair` (scikit-image's ``structural_similarity`` with
+    ``data_range=255``); sum, so at most 2. This is not the number IVIF papers
+    print: their ``SSIM`` column is :func:`ssim_evaluator`.
     """
     _triplet(fused, ir, vi)
     return ssim_pair(fused, ir) + ssim_pair(fused, vi)

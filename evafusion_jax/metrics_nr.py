@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage, optimize, special
 
-__all__ = ["niqe", "brisque", "niqe_features", "brisque_features", "parameter_file"]
+__all__ = ["niqe", "niqe_matlab", "brisque", "niqe_features", "niqe_matlab_features", "matlab_half_size",
+           "brisque_features", "parameter_file", "NIQE_PARAMS_FILE"]
 
 
 def parameter_file(package: str, *parts: str, pip_name: str | None = None) -> Path:
@@ -151,7 +152,9 @@ def niqe_features(image: np.ndarray, patch_size: int = 96) -> np.ndarray:
 
 
 def niqe(image: np.ndarray) -> float:
-    """NIQE (Mittal et al. 2013), lower is better, as scikit-video's ``skvideo.measure.niqe``.
+    """NIQE as scikit-video's ``skvideo.measure.niqe`` (the ``NIQE_skvideo`` column), lower is better.
+
+    Not the number IVIF papers print: their ``NIQE`` column is MATLAB's, :func:`niqe_matlab`.
 
     ``image``: ``[0, 1]`` grey ``(H, W)``/``(H, W, 1)`` or RGB (reduced to BT.601
     luma); evaluated on the 0-255 scale. Both sides must exceed 193 pixels.
@@ -172,6 +175,151 @@ def niqe(image: np.ndarray) -> float:
     mu = feats.mean(axis=0)
     cov = np.cov(feats.T)
     d = mu - pop_mu
+    return float(np.sqrt(d @ np.linalg.pinv((pop_cov + cov) / 2.0) @ d))
+
+
+# ============================================================================ NIQE, MATLAB-compatible
+
+#: The pristine NIQE model of the original MATLAB release, as shipped in BasicSR (see data/README.md).
+NIQE_PARAMS_FILE = Path(__file__).with_name("data") / "niqe_pris_params.npz"
+_NIQE_BLOCK = 96
+_MATLAB_GAMMA = np.arange(0.2, 10.001, 0.001)
+_MATLAB_RGAM = special.gamma(2.0 / _MATLAB_GAMMA) ** 2 / (special.gamma(1.0 / _MATLAB_GAMMA)
+                                                         * special.gamma(3.0 / _MATLAB_GAMMA))
+
+
+@functools.lru_cache(maxsize=1)
+def _niqe_matlab_params():
+    if not NIQE_PARAMS_FILE.is_file():
+        raise ImportError(f"{NIQE_PARAMS_FILE} is missing from this installation of evafusion_jax; reinstall it")
+    with np.load(NIQE_PARAMS_FILE) as d:
+        return (np.ravel(d["mu_pris_param"]).astype(np.float64), np.asarray(d["cov_pris_param"], np.float64),
+                np.asarray(d["gaussian_window"], np.float64))
+
+
+def _gaussian_taps(n: int = 7, sigma: float = 7.0 / 6.0) -> np.ndarray:
+    """Normalised 1-D Gaussian; ``outer(g, g)`` is MATLAB's ``fspecial('gaussian', n, sigma)``."""
+    r = np.arange(n) - (n - 1) / 2.0
+    g = np.exp(-(r * r) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """MATLAB's bicubic kernel (a = -0.5)."""
+    a = np.abs(x)
+    return np.where(a <= 1, 1.5 * a ** 3 - 2.5 * a ** 2 + 1,
+                    np.where(a <= 2, -0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2, 0.0))
+
+
+#: ``imresize(I, 0.5)`` (bicubic, antialiased): output ``i`` is ``sum_k w_k I[2i - 3 + k]``, k = 0..7.
+_MATLAB_HALF_TAPS = 0.5 * _cubic(0.5 * (np.arange(8) - 3.5))
+
+
+def matlab_half_size(img: np.ndarray) -> np.ndarray:
+    """MATLAB ``imresize(img, 0.5)`` (bicubic with antialiasing, symmetric borders) for even sizes.
+
+    At scale 1/2 MATLAB widens the cubic kernel to 8 taps (``0.5 cubic(0.5 d)`` at
+    distances ``d = +-0.5, +-1.5, +-2.5, +-3.5``, which sum to 1) centred between input
+    pixels ``2i`` and ``2i + 1``; rows first, then columns.
+    """
+    x = np.asarray(img, dtype=np.float64)
+    for axis in (0, 1):
+        n = x.shape[axis]
+        if n % 2:
+            raise ValueError(f"matlab_half_size expects even sizes, got {x.shape}")
+        y = ndimage.correlate1d(x, _MATLAB_HALF_TAPS, axis=axis, mode="reflect", origin=-1)
+        x = np.take(y, np.arange(0, n, 2), axis=axis)
+    return x
+
+
+def _aggd_matlab(x: np.ndarray):
+    """AGGD fit per row of ``x`` (P, n) as the NIQE MATLAB release (zeros belong to neither side).
+
+    Returns ``alpha, beta_l, beta_r``; a side without values gives NaN scales (and the
+    grid's first shape, 0.2, as the reference's ``argmin`` over NaN).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x2 = x * x
+        left, right = x < 0, x > 0
+        lstd = np.sqrt(np.where(left, x2, 0).sum(axis=1) / left.sum(axis=1))
+        rstd = np.sqrt(np.where(right, x2, 0).sum(axis=1) / right.sum(axis=1))
+        g = lstd / rstd
+        rhat = np.abs(x).mean(axis=1) ** 2 / x2.mean(axis=1)
+        rn = rhat * (g ** 3 + 1) * (g + 1) / (g ** 2 + 1) ** 2
+    # _MATLAB_RGAM increases with the shape, so the argmin of (r_gam - rn)^2 is a neighbour of rn's slot.
+    hi = np.clip(np.searchsorted(_MATLAB_RGAM, np.nan_to_num(rn, nan=-1.0)), 1, len(_MATLAB_RGAM) - 1)
+    lo = hi - 1
+    idx = np.where((_MATLAB_RGAM[lo] - rn) ** 2 <= (_MATLAB_RGAM[hi] - rn) ** 2, lo, hi)
+    idx = np.where(np.isnan(rn), 0, idx)
+    alpha = _MATLAB_GAMMA[idx]
+    c = np.sqrt(special.gamma(1.0 / alpha) / special.gamma(3.0 / alpha))
+    return alpha, lstd * c, rstd * c
+
+
+def _niqe_matlab_block_features(mscn: np.ndarray, block: int) -> np.ndarray:
+    h, w = mscn.shape
+    bh, bw = h // block, w // block
+    p = mscn.reshape(bh, block, bw, block).transpose(2, 0, 1, 3).reshape(bh * bw, block, block)
+    a, bl, br = _aggd_matlab(p.reshape(len(p), -1))
+    feats = [a, (bl + br) / 2.0]
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        prod = p * np.roll(p, (dy, dx), axis=(1, 2))
+        a, bl, br = _aggd_matlab(prod.reshape(len(p), -1))
+        feats += [a, (br - bl) * (special.gamma(2.0 / a) / special.gamma(1.0 / a)), bl, br]
+    return np.stack(feats, axis=1)
+
+
+def niqe_matlab_features(image: np.ndarray) -> np.ndarray:
+    """Per-block NIQE features ``(num_blocks, 36)`` of a grey 0-255 image, as MATLAB's ``niqe`` (see :func:`niqe_matlab`)."""
+    img = np.asarray(image, dtype=np.float64)
+    bh, bw = img.shape[0] // _NIQE_BLOCK, img.shape[1] // _NIQE_BLOCK
+    if bh == 0 or bw == 0:
+        raise ValueError(f"NIQE needs images of at least {_NIQE_BLOCK}x{_NIQE_BLOCK} pixels, "
+                         f"got {img.shape[1]}x{img.shape[0]}")
+    img = img[:bh * _NIQE_BLOCK, :bw * _NIQE_BLOCK].astype(np.float32)
+    g = _gaussian_taps()
+    # Filtered in float64, stored in float32 as BasicSR does: a constant area then has a mean equal to its
+    # level, so its MSCN values are exact zeros (NaN features, left out) rather than float noise.
+    filt = lambda z: ndimage.correlate1d(ndimage.correlate1d(z.astype(np.float64), g, 0, mode="nearest"), g, 1,
+                                         mode="nearest").astype(np.float32)
+    out = []
+    for scale in (1, 2):
+        mu = filt(img)
+        sigma = np.sqrt(np.abs(filt(img * img) - mu * mu))
+        mscn = (img - mu) / (sigma + np.float32(1.0))
+        out.append(_niqe_matlab_block_features(mscn.astype(np.float64), _NIQE_BLOCK // scale))
+        if scale == 1:  # BasicSR resizes img / 255 in float32 and scales back: keep those roundings
+            img = matlab_half_size(img / np.float32(255.0)).astype(np.float32) * np.float32(255.0)
+    return np.hstack(out)
+
+
+def niqe_matlab(image: np.ndarray) -> float:
+    """NIQE (Mittal et al. 2013) as MATLAB / BasicSR's ``calculate_niqe`` (the ``NIQE`` column), lower is better.
+
+    ``image``: ``[0, 1]`` grey ``(H, W)``/``(H, W, 1)`` or RGB (reduced to BT.601
+    luma), evaluated on the 0-255 scale (for parity with MATLAB on 8-bit files give
+    whole levels, as ``evaluate`` does). Both sides need at least 96 pixels.
+    Steps (the NIQE MATLAB release, reproduced by BasicSR): crop to multiples of 96;
+    MSCN ``(I - mu) / (sigma + 1)`` with a 7x7 Gaussian (std 7/6, replicated borders);
+    on each non-overlapping 96x96 block, 18 AGGD features (shape and mean scale of the
+    MSCN map; shape, mean, left and right scales of its products with the four
+    circularly shifted neighbours, zeros on neither side, shapes by grid search over
+    0.2:0.001:10); the same on 48x48 blocks of the MATLAB ``imresize(I, 0.5)`` image
+    (:func:`matlab_half_size`). Feature means ignore NaN (flat blocks), the covariance
+    uses the blocks without NaN (zero when only one is left); then
+    ``sqrt((mu_p - mu)^T pinv((S_p + S) / 2) (mu_p - mu))`` against the MATLAB-fitted
+    pristine model ``(mu_p, S_p)`` shipped in ``evafusion_jax/data/niqe_pris_params.npz``.
+    Raises ``ValueError`` for images smaller than 96x96 or without any textured block.
+    """
+    x = _gray(image, (0.299, 0.587, 0.114)) * 255.0
+    pop_mu, pop_cov, _ = _niqe_matlab_params()
+    feats = niqe_matlab_features(x)
+    ok = feats[~np.isnan(feats).any(axis=1)]
+    if len(ok) == 0:
+        raise ValueError(f"NIQE: no 96x96 block of this {x.shape[1]}x{x.shape[0]} image has texture (all flat)")
+    mu = np.nanmean(feats, axis=0)
+    cov = np.cov(ok, rowvar=False) if len(ok) > 1 else np.zeros_like(pop_cov)
+    d = pop_mu - mu
     return float(np.sqrt(d @ np.linalg.pinv((pop_cov + cov) / 2.0) @ d))
 
 
