@@ -242,3 +242,41 @@ def test_missing_parameter_package_names_pip_package(monkeypatch):
             metrics.brisque(_natural_like((40, 40)))
     finally:
         metrics_nr._brisque_model.cache_clear()
+
+
+# ----------------------------------------------------------------------------- SSIM conventions
+
+def _ssim_by_windows(x255, y255, data_range, win=7):
+    """SSIM from its formula, window by window (no filtering library): mean over all valid 7x7 windows."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    wx = sliding_window_view(x255, (win, win)).reshape(-1, win * win)
+    wy = sliding_window_view(y255, (win, win)).reshape(-1, win * win)
+    mx, my = wx.mean(axis=1), wy.mean(axis=1)
+    vx, vy = wx.var(axis=1, ddof=1), wy.var(axis=1, ddof=1)
+    cxy = ((wx - mx[:, None]) * (wy - my[:, None])).sum(axis=1) / (win * win - 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))))
+
+
+def test_ssim_column_is_the_evaluators_range_2(triplet):
+    from skimage.metrics import structural_similarity
+    f, a, b = triplet
+    want = _ssim_by_windows(f * 255, a * 255, 2.0) + _ssim_by_windows(f * 255, b * 255, 2.0)
+    assert metrics.ssim_evaluator(f, a, b) == pytest.approx(want, rel=1e-10)
+    assert metrics.compute_metrics(f, a, b, ["SSIM"])["SSIM"] == pytest.approx(want, rel=1e-10)
+    sk = structural_similarity(f * 255, a * 255, data_range=2.0) + structural_similarity(f * 255, b * 255,
+                                                                                         data_range=2.0)
+    assert want == pytest.approx(sk, rel=1e-10)
+    # the 255-range variant keeps its own name, and the two conventions differ
+    want255 = _ssim_by_windows(f * 255, a * 255, 255.0) + _ssim_by_windows(f * 255, b * 255, 255.0)
+    assert metrics.compute_metrics(f, a, b, ["SSIM_255"])["SSIM_255"] == pytest.approx(want255, rel=1e-10)
+    assert abs(want - want255) > 0.01
+    assert metrics.EVALUATOR_SSIM_RANGE == 2.0
+
+
+def test_variant_metric_names():
+    assert set(metrics.VARIANT_METRICS) == {"SSIM_255", "NIQE_skvideo"}
+    assert set(metrics.ALL_METRIC_NAMES) == set(metrics.REFERENCE_METRICS) | set(metrics.NO_REFERENCE_METRICS)
+    assert metrics.NO_REFERENCE_METRICS["NIQE"] is metrics.niqe_matlab
+    assert metrics.NO_REFERENCE_METRICS["NIQE_skvideo"] is metrics.niqe
+    assert not metrics.HIGHER_IS_BETTER["NIQE_skvideo"] and metrics.HIGHER_IS_BETTER["SSIM_255"]
