@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from evafusion_jax import evaluate, image_io
+from evafusion_jax import evaluate, image_io, metrics
 
 NAMES = ["EN", "SD", "MI", "SSIM", "CC", "PSNR_unit", "MSE", "VIF", "Qabf", "BRISQUE"]
 
@@ -120,3 +120,31 @@ def test_reward_columns(dataset, tmp_path):
         params, read("ir"), read("vi"), read("bad"), config=config)["scores"]
     for s in reward_model.SCORE_TYPES:
         assert float(row[f"R_{s}"]) == pytest.approx(float(np.asarray(ref[s])[0]), abs=1e-5)
+
+
+def test_grey_conventions_and_variant_columns(dataset, tmp_path):
+    # a colour visible folder: the default grey levels are OpenCV's cvtColor ones, bit for bit
+    col = tmp_path / "vi_col"
+    col.mkdir()
+    rng = np.random.default_rng(5)
+    for f in sorted((dataset / "vi").iterdir()):
+        g = np.asarray(Image.open(f)).astype(np.int64)
+        rgb = np.clip(g[..., None] + rng.integers(-40, 41, g.shape + (3,)), 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(col / f.name)
+    task = evaluate.plan_evaluation(dataset / "ir", col, {"good": dataset / "good"})[0]
+    rgb = np.asarray(Image.open(task[4])).astype(np.int64)
+    cvt = (9798 * rgb[..., 0] + 19235 * rgb[..., 1] + 3735 * rgb[..., 2] + 16384) >> 15
+    np.testing.assert_array_equal(evaluate._load_gray(task[4], True) * 255.0, cvt)
+    names = ["SSIM", "SSIM_255", "CC"]
+    row = evaluate.evaluate_image(task, names)
+    f, a = (evaluate._load_gray(p, True) for p in task[2:4])
+    assert row["SSIM"] == pytest.approx(metrics.ssim_evaluator(f, a, cvt / 255.0))
+    assert row["SSIM_255"] == pytest.approx(metrics.ssim(f, a, cvt / 255.0))
+    for grey in ("imread", "float"):
+        assert np.isfinite(evaluate.evaluate_image(task, names, grey=grey)["CC"])
+    out = tmp_path / "res"
+    args = ["--ir", str(dataset / "ir"), "--vi", str(col), "--fused", f"good={dataset / 'good'}", "--quiet",
+            "--workers", "1", "--metrics", "SSIM,SSIM_255,NIQE", "--grey", "float", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["columns"] == ["SSIM", "SSIM_255", "NIQE"] and doc["methods"]["good"]["NIQE"]["n"] == 0
