@@ -184,6 +184,41 @@ def test_concurrent_submits_from_two_servers_and_resume(inputs, tmp_path):
     assert len(fd.open_split(out, "all")) == 9
 
 
+def test_cli_prints_its_address_and_serves_the_page(inputs, tmp_path):
+    import re
+    import subprocess
+    import sys
+    out = tmp_path / "fb"
+    cmd = [sys.executable, "-m", "evafusion_jax.annotate", "--ir", str(inputs["ir"]),
+           "--vi", str(inputs["vi"]), "--fused", f"mean={inputs['fused']['mean']}",
+           "--fused", f"max={inputs['fused']['max']}", "--out", str(out), "--rank"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(REPO), env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    try:
+        text = proc.stdout.readline() + proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", text)
+        assert m, (text, proc.poll() is not None and proc.stderr.read())
+        base = m.group(0).rstrip("/")
+        assert _req(base, "/api/config")[1] == {"mode": "rank", "count": 3,
+                                                "score_names": list(fd.DATASET_SCORE_NAMES)}
+        with urllib.request.urlopen(base + "/", timeout=30) as r:  # the page (package data)
+            assert '<script src="/annotate.js">' in r.read().decode()
+        with urllib.request.urlopen(base + "/annotate.js", timeout=30) as r:
+            assert r.headers["Content-Type"].startswith("text/javascript")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # inputs are checked before anything is written
+    bad = ["--ir", str(inputs["ir"]), "--vi", str(inputs["vi"]), "--out", str(tmp_path / "b")]
+    assert an.main(bad + ["--fused", "no-equals-sign"]) == 2
+    assert an.main(bad + ["--fused", f"a/b={inputs['fused']['mean']}"]) == 2
+    assert an.main(bad + ["--fused", f"x={tmp_path / 'missing'}"]) == 2
+    assert an.main(bad + ["--fused", f"x={inputs['fused']['mean']}", "--rank"]) == 2
+    assert an.main(["--ir", str(inputs["ir"]), "--vi", str(inputs["vi"]), "--fused",
+                    f"x={inputs['fused']['mean']}", "--out", str(inputs["ir"] / "fb")]) == 2
+    assert not (tmp_path / "b").exists() and not (inputs["ir"] / "fb").exists()
+
+
 def test_heatmap_to_circles():
     heat = np.zeros((16, 16), np.float32)
     heat[2:6, 2:6] = 1.0      # 4x4 blob at rows/cols 2..5
@@ -284,7 +319,7 @@ def _browser(tmp_path):
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
               "--disable-component-update", "--disable-sync", "--no-first-run",
-              "--disable-dev-shm-usage", "--window-size=1400,820",
+              "--disable-dev-shm-usage", "--window-size=1400,660",
               f"--user-data-dir={tmp_path / 'chrome-profile'}"):
         opts.add_argument(a)
     orig = selenium_manager.SeleniumManager.binary_paths
@@ -318,8 +353,9 @@ def _drag(driver, view, x0, y0, x1, y1):
 
 
 @pytest.mark.slow
-def test_browser_annotate_rank_then_train_reward(inputs, tmp_path):
+def test_browser_annotate_rank_then_train_reward(tmp_path):
     from selenium.webdriver.common.keys import Keys
+    inputs = _inputs(tmp_path / "in128", size=128)  # larger images for the README screenshot
     out = tmp_path / "fb"
     app = an.build_app(inputs["ir"], inputs["vi"], inputs["fused"], out)
     driver = _browser(tmp_path)
@@ -334,23 +370,32 @@ def test_browser_annotate_rank_then_train_reward(inputs, tmp_path):
             # score with the keyboard: 1-5 sets the highlighted criterion and moves on
             body.send_keys("4", "3", "5", "2")
             driver.find_element("css selector", 'input[name="score-4"][value="4"]').click()
+            # zoom (keys) acts on the three views together; "0" fits them again
+            stages = driver.find_elements("css selector", ".stage")
+            fit = [st.get_attribute("style") for st in stages]
+            body.send_keys("+", "+")
+            zoomed = [st.get_attribute("style") for st in stages]
+            assert zoomed != fit and len({z.split("scale(")[1] for z in zoomed}) == 1
+            body.send_keys("0")
+            assert [st.get_attribute("style") for st in stages] == fit
             # draw a circle on the fused image, then resize it with its handle
             view = driver.find_element("css selector", '.view[data-kind="fused"]')
-            scale = view.rect["height"] / 64  # the 64x64 image fits the view's height
-            x0 = view.rect["width"] / 2 - 32 * scale  # left edge of the image in the view
-            _drag(driver, view, x0 + 20 * scale, 24 * scale, x0 + 28 * scale, 24 * scale)
+            scale = view.rect["height"] / 128  # the 128x128 image fits the view's height
+            x0 = view.rect["width"] / 2 - 64 * scale  # left edge of the image in the view
+            _drag(driver, view, x0 + 40 * scale, 48 * scale, x0 + 56 * scale, 48 * scale)
             (c,) = _circles(driver)
-            assert abs(c["x"] - 20) < 1 and abs(c["y"] - 24) < 1 and abs(c["r"] - 8) < 1
+            assert abs(c["x"] - 40) < 1 and abs(c["y"] - 48) < 1 and abs(c["r"] - 16) < 1
             hx = x0 + (c["x"] + c["r"]) * scale
-            _drag(driver, view, hx, c["y"] * scale, hx + 4 * scale, c["y"] * scale)
+            _drag(driver, view, hx, c["y"] * scale, hx + 8 * scale, c["y"] * scale)
             (c2,) = _circles(driver)
-            assert abs(c2["r"] - 12) < 1 and abs(c2["x"] - c["x"]) < 0.01
-            # a second circle, deleted again with undo
-            _drag(driver, view, x0 + 50 * scale, 50 * scale, x0 + 54 * scale, 50 * scale)
-            assert len(_circles(driver)) == 2
-            body.send_keys("z")
+            assert abs(c2["r"] - 24) < 1 and abs(c2["x"] - c["x"]) < 0.01
+            # a second circle, moved, then taken back by two undos
+            _drag(driver, view, x0 + 100 * scale, 100 * scale, x0 + 108 * scale, 100 * scale)
+            _drag(driver, view, x0 + 100 * scale, 100 * scale, x0 + 90 * scale, 95 * scale)
+            c_moved = _circles(driver)[1]
+            assert abs(c_moved["x"] - 90) < 2 and abs(c_moved["y"] - 95) < 2  # whole CSS px moves
+            body.send_keys("z", "z")
             assert len(_circles(driver)) == 1
-            SCREENSHOT.parent.mkdir(exist_ok=True)
             driver.save_screenshot(str(tmp_path / "shot.png"))
             driver.find_element("id", "submit").click()
             _wait(driver, lambda d: d.find_element("id", "status").get_attribute("data-state")
@@ -360,14 +405,15 @@ def test_browser_annotate_rank_then_train_reward(inputs, tmp_path):
             assert rec["scores"] == {"Thermal Retention": 4, "Texture Preservation": 3,
                                      "Artifacts": 5, "Sharpness": 2, "Overall Score": 4}
             assert rec["annotator"] == "alice" and len(rec["circles"]) == 1
-            assert abs(rec["circles"][0]["r"] - 12) < 1
+            assert abs(rec["circles"][0]["r"] - 24) < 1
             # the page moved on to the next image; annotate it with the keyboard only
             _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded")
                   != first, "the next image")
             body.send_keys("3", "3", "3", "3", "3", Keys.ENTER)
             _wait(driver, lambda d: d.find_element("id", "progress").text == "2 / 9 done", "2 saved")
             # reload at the first image: what was saved is shown again
-            driver.get(base + "/?who=alice#i=1")
+            driver.execute_script("history.replaceState(null, '', '#i=1')")
+            driver.refresh()
             _wait(driver, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded")
                   == first, "reload of the first image")
             assert driver.find_element("id", "status").get_attribute("data-state") == "saved"
@@ -412,6 +458,7 @@ def test_browser_annotate_rank_then_train_reward(inputs, tmp_path):
     img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)
     img.quantize(colors=128).save(tmp_path / "small.png", optimize=True)
     if os.environ.get("EVAFUSION_UPDATE_SCREENSHOT"):
+        SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "small.png", SCREENSHOT)
     assert (tmp_path / "small.png").stat().st_size < 300_000
 
