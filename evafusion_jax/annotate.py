@@ -180,7 +180,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     """The JSON objects of a log. A line that does not parse can only be a write torn by a crash
     (``fileio.append_durable`` starts the next record on a new line); it is skipped with a
     warning."""
@@ -209,6 +209,10 @@ class FeedbackStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._tlock = threading.Lock()
+        if (self.root / SCORES_FILE).exists() and not (self.root / ANNOTATIONS_LOG).exists():
+            raise AnnotateError(f"{self.root / SCORES_FILE} exists but was not written by this "
+                                f"tool (no {ANNOTATIONS_LOG} next to it); it would be replaced: "
+                                "choose another --out")
         with self.lock():
             sess = self.root / SESSION_FILE
             if sess.exists():
@@ -245,7 +249,7 @@ class FeedbackStore:
 
     # ---- reading
     def annotations(self) -> list[dict]:
-        return read_jsonl(self.root / ANNOTATIONS_LOG)
+        return read_log(self.root / ANNOTATIONS_LOG)
 
     def latest_annotations(self) -> dict[str, dict]:
         """fused name -> its latest record (insertion order: first annotation of each image)."""
@@ -256,7 +260,7 @@ class FeedbackStore:
         return latest
 
     def rankings(self) -> list[dict]:
-        return read_jsonl(self.root / RANKINGS_LOG)
+        return read_log(self.root / RANKINGS_LOG)
 
     # ---- writing (call under lock)
     def _rebuild_scores(self) -> None:
@@ -722,7 +726,7 @@ def rank_report(feedback, n_boot: int = 2000, seed: int = 0, level: float = 0.95
     if not path.exists():
         raise AnnotateError(f"{path} does not exist: --report reads the rankings of a --rank study")
     latest: dict[tuple[str, str], list[str]] = {}
-    for k, r in enumerate(read_jsonl(path)):
+    for k, r in enumerate(read_log(path)):
         if not (isinstance(r.get("pair"), str) and isinstance(r.get("participant"), str)
                 and isinstance(r.get("ranking"), list) and len(r["ranking"]) >= 2):
             raise AnnotateError(f"{path}: record {k + 1} is not a ranking "
@@ -773,8 +777,8 @@ def rank_report(feedback, n_boot: int = 2000, seed: int = 0, level: float = 0.95
         s = float(((sums - sums.mean()) ** 2).sum())
         m = len(people)
         # ties in a participant's mean ranks: the tie-corrected W
-        ties = sum(float((np.unique(r, return_counts=True)[1] ** 3
-                          - np.unique(r, return_counts=True)[1]).sum()) for r in per)
+        counts = [np.unique(r, return_counts=True)[1].astype(np.float64) for r in per]
+        ties = float(sum((t ** 3 - t).sum() for t in counts))
         denom = m * m * (k ** 3 - k) - m * ties
         w_people = 12.0 * s / denom if denom > 0 else float("nan")
         p_people = float(stats.chi2.sf(m * (k - 1) * w_people, k - 1))

@@ -179,7 +179,7 @@ def test_concurrent_submits_from_two_servers_and_resume(inputs, tmp_path):
     with _serving(app) as base:
         st, _ = _req(base, "/api/submit", {"id": ids[0], "who": "new", "scores": GOOD})
         assert st == 200
-    log2 = an.read_jsonl(out / an.ANNOTATIONS_LOG)
+    log2 = an.read_log(out / an.ANNOTATIONS_LOG)
     assert len(log2) == 97 and log2[-1]["annotator"] == "new"
     assert len(fd.open_split(out, "all")) == 9
 
@@ -217,6 +217,12 @@ def test_cli_prints_its_address_and_serves_the_page(inputs, tmp_path):
     assert an.main(["--ir", str(inputs["ir"]), "--vi", str(inputs["vi"]), "--fused",
                     f"x={inputs['fused']['mean']}", "--out", str(inputs["ir"] / "fb")]) == 2
     assert not (tmp_path / "b").exists() and not (inputs["ir"] / "fb").exists()
+    # a feedback folder made by something else is not taken over (its scores.jsonl would go)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "scores.jsonl").write_text('{"fused": "a.png"}\n')
+    assert an.main(bad[:4] + ["--out", str(other), "--fused", f"x={inputs['fused']['mean']}"]) == 2
+    assert [p.name for p in other.iterdir()] == ["scores.jsonl"]
 
 
 def test_heatmap_to_circles():
@@ -422,6 +428,14 @@ def test_browser_annotate_rank_then_train_reward(tmp_path):
             assert checked == [4, 3, 5, 2, 4]
             (c3,) = _circles(driver)
             assert abs(c3["r"] - c2["r"]) < 0.11 and abs(c3["x"] - c2["x"]) < 0.11
+            # Next shows the second image with its keyboard-only scores
+            driver.find_element("id", "next").click()
+            _wait(driver, lambda d: d.find_element("id", "pos").text == "2 / 9", "next image")
+            _wait(driver, lambda d: len(d.find_elements("css selector", "#scores input:checked"))
+                  == 5, "its scores")
+            assert {e.get_attribute("value") for e in
+                    driver.find_elements("css selector", "#scores input:checked")} == {"3"}
+            assert _circles(driver) == []
             # a restarted server (new App on the same folder) resumes at the third image
         app2 = an.build_app(inputs["ir"], inputs["vi"], inputs["fused"], out)
         with _serving(app2) as base:
@@ -445,7 +459,7 @@ def test_browser_annotate_rank_then_train_reward(tmp_path):
             driver.find_element("id", "submit").click()
             _wait(driver, lambda d: d.find_element("id", "progress").text == "1 / 3 done",
                   "ranking saved")
-        (r,) = an.read_jsonl(rank_out / an.RANKINGS_LOG)
+        (r,) = an.read_log(rank_out / an.RANKINGS_LOG)
         shown = r["shown"]  # the methods behind A, B, C for bob on this pair
         assert r["ranking"] == [shown[2], shown[0], shown[1]] and r["participant"] == "bob"
         rep = an.rank_report(rank_out, n_boot=50)
