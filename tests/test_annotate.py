@@ -360,11 +360,11 @@ def _drag(driver, view, x0, y0, x1, y1):
 
 @pytest.mark.slow
 def test_browser_annotate_rank_then_train_reward(tmp_path):
-    from selenium.webdriver.common.keys import Keys
     inputs = _inputs(tmp_path / "in128", size=128)  # larger images for the README screenshot
     out = tmp_path / "fb"
     app = an.build_app(inputs["ir"], inputs["vi"], inputs["fused"], out)
     driver = _browser(tmp_path)
+    from selenium.webdriver.common.keys import Keys
     try:
         with _serving(app) as base:
             driver.get(base + "/?who=alice")

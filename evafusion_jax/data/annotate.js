@@ -348,7 +348,8 @@ async function show(index) {
   $("jump").value = index + 1;
   S.dirty = false; S.leaveArmed = false;
   if (item.saved) status(`Saved${item.saved_by ? " by " + item.saved_by : ""}`, "saved");
-  else status(item.prefilled ? "Model pre-fill, not saved yet" : "Not annotated yet", "idle");
+  else status(item.prefilled ? "Model pre-fill, not saved yet"
+              : S.mode === "rank" ? "Not ranked yet" : "Not annotated yet", "idle");
   document.body.dataset.loaded = id;
 }
 
