@@ -607,6 +607,7 @@ def _png(path: str) -> bytes:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     app: App  # set on the subclass made by make_server
+    local_only: bool = True  # refuse requests that name another host (when bound to loopback)
     server_version = "evafusion-annotate"
 
     def log_message(self, fmt, *args):  # noqa: D401 - quiet: debug log instead of stderr
@@ -626,7 +627,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
             body = None
+            if self.local_only:  # a page of another site reaching us by DNS rebinding is refused
+                host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname
+                _require(host in ("127.0.0.1", "localhost", "::1"),
+                         f"Host {self.headers.get('Host')!r} is not this machine", 403)
             if method == "POST":
+                ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                _require(ctype == "application/json", "POST bodies must be sent as "
+                         f"Content-Type: application/json (got {ctype or 'none'!r})", 415)
                 try:
                     n = int(self.headers.get("Content-Length", ""))
                 except ValueError:
@@ -660,7 +668,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> http.server.ThreadingHTTPServer:
     """A threaded HTTP server for ``app`` (``port=0``: a free port; ``server.server_address``)."""
-    handler = type("Handler", (_Handler,), {"app": app})
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    if not loopback:
+        logger.warning("listening on %s: other machines can reach the page (no authentication)",
+                       host)
+    handler = type("Handler", (_Handler,), {"app": app, "local_only": loopback})
     server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

@@ -60,10 +60,11 @@ def _serving(app):
         server.server_close()
 
 
-def _req(base, path, body=None, method=None, raw=None):
+def _req(base, path, body=None, method=None, raw=None, headers=None):
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None
-                                                                           else "GET"))
+                                                                           else "GET"),
+                                 headers=headers or {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -119,13 +120,18 @@ def test_bad_requests_get_4xx_and_change_nothing(inputs, tmp_path):
             ({"method": "GET"}, 405, "POST only"),
             ({"path": "/api/nothing", "method": "GET"}, 404, "no such"),
             ({"path": "/img/0000.png", "method": "GET"}, 404, "no image"),
+            ({"body": {"id": iid, "who": "ann", "scores": GOOD},
+              "headers": {"Content-Type": "text/plain"}}, 415, "application/json"),
+            ({"body": {"id": iid, "who": "ann", "scores": GOOD},
+              "headers": {"Content-Type": "application/json", "Host": "evil.example:80"}}, 403,
+             "not this machine"),
         ]
         for spec, code, msg in bad:
             path = spec.get("path", "/api/submit")
             if code == 200:  # the valid variant is checked separately below
                 continue
             st, res = _req(base, path, body=spec.get("body"), raw=spec.get("raw"),
-                           method=spec.get("method"))
+                           method=spec.get("method"), headers=spec.get("headers"))
             assert st == code, (spec, st, res)
             assert msg in res["error"], (spec, res)
         assert _snapshot(out) == before
