@@ -761,7 +761,8 @@ def rank_report(feedback, n_boot: int = 2000, seed: int = 0, level: float = 0.95
     for i, key in enumerate(keys):
         for pos, m in enumerate(latest[key]):
             ranks[i, col[m]] = pos + 1
-    pair_of = np.array([pairs.index(p) for _, p in keys])
+    pair_index = {p: j for j, p in enumerate(pairs)}
+    pair_of = np.array([pair_index[p] for _, p in keys])
     mean = ranks.mean(axis=0)
     rng = np.random.default_rng(seed)
     per_pair_sum = np.zeros((len(pairs), k))
@@ -783,7 +784,8 @@ def rank_report(feedback, n_boot: int = 2000, seed: int = 0, level: float = 0.95
     w_pair = float(np.mean(w_pairs)) if w_pairs else float("nan")
     w_people = p_people = float("nan")
     if len(people) >= 2:
-        who_of = np.array([people.index(w) for w, _ in keys])
+        who_index = {w: i for i, w in enumerate(people)}
+        who_of = np.array([who_index[w] for w, _ in keys])
         per = np.stack([rankdata(ranks[who_of == i].mean(axis=0)) for i in range(len(people))])
         sums = per.sum(axis=0)
         s = float(((sums - sums.mean()) ** 2).sum())
