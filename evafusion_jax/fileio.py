@@ -69,3 +69,60 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a folder's entries (a file just created or renamed in it) to disk (POSIX; a no-op
+    where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Appends ``data`` to ``path`` with one ``O_APPEND`` write and fsyncs it before returning.
+
+    A torn last line left by a crash (a file not ending in a newline) is closed with a newline
+    first, so ``data`` always starts a line of its own. Callers that may run concurrently
+    serialise calls with a lock (one write per call keeps lines whole, the lock keeps the torn-tail
+    check and the write together).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
+
+
+def write_durable(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically replaces ``path`` with ``data``: written and fsynced to a temporary sibling,
+    renamed into place, and the folder entry fsynced."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_dir(path.parent)
+    return path

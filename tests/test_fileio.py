@@ -50,3 +50,22 @@ def test_staging_and_commit_dir(tmp_path):
     tmp = fileio.staging_dir(f)
     fileio.commit_dir(tmp, f)
     assert f.is_dir()
+
+
+def test_append_durable_starts_a_new_line_after_a_torn_one(tmp_path):
+    p = tmp_path / "sub" / "log.jsonl"
+    fileio.append_durable(p, b'{"a": 1}\n')
+    fileio.append_durable(p, b'{"b": 2}\n')
+    with open(p, "ab") as f:
+        f.write(b'{"torn')  # a crash in the middle of a write
+    fileio.append_durable(p, b'{"c": 3}\n')
+    assert p.read_bytes() == b'{"a": 1}\n{"b": 2}\n{"torn\n{"c": 3}\n'
+    q = fileio.write_durable(tmp_path / "x.json", b"new")
+    assert q.read_bytes() == b"new" and _mode(q) == 0o666 & ~_umask_now()
+    assert sorted(os.listdir(tmp_path)) == ["sub", "x.json"]  # no temporary file left
+
+
+def _umask_now():
+    m = os.umask(0)
+    os.umask(m)
+    return m
