@@ -99,7 +99,7 @@ def test_sam_cache_is_read_by_the_pipeline_and_resumed(tmp_path, tiny_sam, monke
     assert counter.n == 1 + 3
 
 
-def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatch):
+def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatch, capsys):
     """--sam-checkpoint (a tiny state dict) + --dcevo: the fused image is what SAM segments."""
     from evafusion_jax import checkpoints, dcevo
 
@@ -145,9 +145,10 @@ def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatc
     index = json.loads((tmp_path / "c_fused" / "index.json").read_text())
     assert index["source"]["sam"]["checkpoint"]["path"] == str(moved)
 
-    # Parameter mismatch through the CLI is a clean exit with the reason.
-    with pytest.raises(SystemExit, match="points_per_side"):
-        pr.main(args[:-len(GEN_CLI)] + ["--config.generator.points_per_side=5"] + GEN_CLI[1:])
+    # Parameter mismatch through the CLI is a clean exit (input error, code 2) with the reason.
+    capsys.readouterr()
+    assert pr.main(args[:-len(GEN_CLI)] + ["--config.generator.points_per_side=5"] + GEN_CLI[1:]) == 2
+    assert "points_per_side" in capsys.readouterr().err
 
 
 def test_argument_errors(tmp_path):
