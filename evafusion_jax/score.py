@@ -203,11 +203,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     from evafusion_jax import cli
-    return cli.run(lambda: score_folder(
-        args.checkpoint, args.fused, args.ir, args.vi, args.output, batch_size=args.batch_size,
-        alpha=args.alpha, cmap=args.cmap, raw_heatmaps=args.raw_heatmaps,
-        overwrite=args.overwrite, dtype=args.dtype, progress=not args.no_progress) and None,
-        prog="score", oom_hint="use a smaller --batch_size, or --dtype bfloat16")
+
+    def body():
+        score_folder(args.checkpoint, args.fused, args.ir, args.vi, args.output,
+                     batch_size=args.batch_size, alpha=args.alpha, cmap=args.cmap,
+                     raw_heatmaps=args.raw_heatmaps, overwrite=args.overwrite, dtype=args.dtype,
+                     progress=not args.no_progress)
+    return cli.run(body, prog="score", oom_hint="use a smaller --batch_size, or --dtype bfloat16")
 
 
 if __name__ == "__main__":

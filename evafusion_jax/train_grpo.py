@@ -182,7 +182,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
             if step == cfg.debug_nan_at_step:
                 batch = _nan_batch(batch)
             state, m = p_step(state, reward_params, parallel.shard_batch(batch, mesh))
-            tu.guard_step(ckpt, m["loss"], state, step)
+            tu.guard_step(ckpt, m["loss"], state, step, batch)
             step += 1
             if bar is not None:
                 bar.update(1)

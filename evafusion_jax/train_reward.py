@@ -338,8 +338,9 @@ def _train(cfg) -> dict:
     try:
         while step < total_steps:
             batch = next(data_it)
-            state, metrics = train_step(state, frozen_rep, par.shard_batch(_strip(batch), mesh))
-            tu.guard_step(ckpt, metrics["loss"], state, step)  # raises before anything is saved
+            batch = _strip(batch)
+            state, metrics = train_step(state, frozen_rep, par.shard_batch(batch, mesh))
+            tu.guard_step(ckpt, metrics["loss"], state, step, batch)  # raises before any save
             step += 1
             bar.update(1)
             window.append(metrics)

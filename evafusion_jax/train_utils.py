@@ -75,8 +75,8 @@ def _finite_leaves(tree):
 def check_finite_state(state: Any, step: int, what: str = "training state") -> None:
     """Raises :class:`NonFiniteLossError` when any float leaf of ``state`` (the updated
     parameters, optimizer state, ...) holds a NaN or inf; the message names the first ones."""
-    flags = jax.device_get(_finite_leaves(state))
-    if all(bool(f) for f in flags):
+    flags = check_finite_leaves(state)
+    if all(flags):
         return
     paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
              if np.issubdtype(np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype),
@@ -87,13 +87,15 @@ def check_finite_state(state: Any, step: int, what: str = "training state") -> N
         f"{', '.join(bad[:3])}). {_NONFINITE_ADVICE}.")
 
 
-def guard_step(checkpointer: "TrainCheckpointer", loss: Any, new_state: Any, step: int) -> float:
+def guard_step(checkpointer: "TrainCheckpointer", loss: Any, new_state: Any, step: int,
+               batch: Any = None) -> float:
     """The trainers' NaN guard after the update of step ``step`` (0-based) -> ``step + 1``.
 
-    * A non-finite ``loss`` was computed with the parameters of checkpoint ``step`` (if one
-      was saved at that step): finite but useless parameters (e.g. 1e30 after a huge learning
-      rate) must not be resumed from, so that checkpoint is deleted and a rerun starts from
-      the one before it.
+    * A non-finite ``loss`` on a finite input ``batch`` was computed with the parameters of
+      checkpoint ``step`` (if one was saved at that step): finite but useless parameters
+      (e.g. 1e30 after a huge learning rate) must not be resumed from, so that checkpoint is
+      deleted and a rerun (with a lower learning rate) resumes from the one before it. When
+      the batch itself holds NaN/inf, the data is to blame and the checkpoint is kept.
     * A non-finite ``new_state`` (updated parameters / optimizer state) is never saved.
 
     Raises :class:`NonFiniteLossError` (the CLIs exit with code 3); returns ``float(loss)``.
@@ -101,12 +103,20 @@ def guard_step(checkpointer: "TrainCheckpointer", loss: Any, new_state: Any, ste
     try:
         value = check_finite(loss, step)
     except NonFiniteLossError as e:
+        if batch is not None and not all(check_finite_leaves(batch)):
+            raise NonFiniteLossError(f"{e} The input batch of this step holds NaN/inf values: "
+                                     "check the input data.") from None
         if checkpointer.discard(step):
             raise NonFiniteLossError(f"{e} (checkpoint {step}, whose parameters gave this loss, "
                                      "was deleted)") from None
         raise
     check_finite_state(new_state, step + 1)
     return value
+
+
+def check_finite_leaves(tree: Any) -> list[bool]:
+    """Whether each float leaf of ``tree`` is all finite (one device round trip)."""
+    return [bool(f) for f in jax.device_get(_finite_leaves(tree))]
 
 
 def tree_fingerprint(tree: Any, extra: Any = None) -> str:
