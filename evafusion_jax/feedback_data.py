@@ -203,6 +203,10 @@ def _check_scores(raw: Any, where: str) -> np.ndarray:
             raise FeedbackDataError(
                 f"{where}: score '{name}' is missing; every sample needs the five scores "
                 f"{list(DATASET_SCORE_NAMES)} in [1, 5]")
+        if isinstance(v, (bool, np.bool_, str, bytes)):  # "4" or true are not ratings
+            raise FeedbackDataError(
+                f"{where}: score '{name}' = {v!r} is a {type(v).__name__}, not a number; write "
+                "the rating as a JSON number (e.g. 4)")
         try:
             f = float(v)
         except (TypeError, ValueError):

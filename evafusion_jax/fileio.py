@@ -3,16 +3,92 @@
 A reader never sees a half-written file, and an interrupted or failed write
 leaves the destination as it was. The new file gets the usual permissions
 (``0666`` minus the umask) rather than the ``0600`` of ``tempfile.mkstemp``.
+
+Temporary names carry the writer's host and process id
+(``.<name>.tmp-<host>-<pid>-<random>``), so a temporary left by a killed process
+(SIGKILL, power loss) is recognised and removed by the next writer into the same
+folder (:func:`remove_stale_temporaries`): one whose process is gone on this host,
+or, from another host, one untouched for :data:`STALE_OTHER_HOST_SECONDS`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+#: a temporary from another host (shared file system) is stale after this long untouched
+STALE_OTHER_HOST_SECONDS = 24 * 3600
+_TMP_RE = re.compile(r"^\..*\.(?:tmp|old)-(?P<host>[A-Za-z0-9_-]{1,40})-(?P<pid>\d+)-")
+
+
+def host_name() -> str:
+    """This machine's name as used in temporary and lock names (safe characters only)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:40] or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _tag() -> str:
+    return f"{host_name()}-{os.getpid()}-"
+
+
+def is_stale_temporary(path: str | os.PathLike) -> bool:
+    """True for a temporary of this module whose writer is gone (see the module docstring)."""
+    path = Path(path)
+    m = _TMP_RE.match(path.name)
+    if not m:
+        return False
+    if m.group("host") == host_name():
+        return not pid_alive(int(m.group("pid")))
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_OTHER_HOST_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Removes the stale temporaries in ``folder`` (of the target ``name`` only, if given)."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return removed
+    for p in entries:
+        if name is not None and not p.name.startswith(f".{name}."):
+            continue
+        if is_stale_temporary(p):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            removed.append(p)
+    if removed:
+        log.info("removed %d stale temporary file(s)/folder(s) left by killed runs in %s: %s",
+                 len(removed), folder, ", ".join(p.name for p in removed[:5]))
+    return removed
 
 
 def _umask() -> int:
@@ -26,7 +102,8 @@ def staging_dir(out: str | os.PathLike) -> Path:
     than the ``0700`` of ``tempfile.mkdtemp``), to be moved there by :func:`commit_dir`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_tag()}", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -39,7 +116,7 @@ def commit_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     """
     tmp, out = Path(tmp), Path(out)
     if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_tag()}", dir=out.parent))
         os.replace(out, old / "previous")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -59,7 +136,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{_tag()}", suffix=path.suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
         yield tmp

@@ -25,7 +25,11 @@ Behaviour:
   padding (one compilation per distinct size). DCEvo's attention is global over
   the image, so padding changes the output slightly everywhere, most near the
   padded border (``benchmarks/fuse.py`` measures it).
-* Everything is validated (pairs, readable headers, sizes, output folder)
+* Large images: ``--tile T --overlap O`` fuses overlapping T x T tiles (one compiled
+  shape, memory bounded by the tile) and blends them with linear ramps over the
+  overlaps. DCEvo's attention is global, so a tiled result differs from the untiled
+  one (``benchmarks/fuse_tiles.py`` measures the difference on a real pair).
+* Everything is validated (pairs, every image decoded, sizes, output folder)
   before any work; outputs are written into a temporary sibling folder that
   is renamed to ``--out`` only when every pair succeeded, so a failure never
   leaves a half-written output folder. An existing non-empty ``--out`` is left
@@ -46,7 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evafusion_jax import fileio, image_io
+from evafusion_jax import cli, fileio, image_io
 
 log = logging.getLogger(__name__)
 
@@ -125,26 +129,79 @@ def padded_shape(h: int, w: int, bucket: int) -> tuple[int, int]:
     return int(math.ceil(h / bucket) * bucket), int(math.ceil(w / bucket) * bucket)
 
 
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of length ``tile`` covering ``n`` with at least ``overlap`` shared."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, tile - overlap)) + [n - tile]
+
+
+def _ramp(tile: int, start: int, n: int, overlap: int) -> np.ndarray:
+    """Blending weight of a tile along one axis: linear ramps over the overlaps with neighbours."""
+    w = np.ones(tile, np.float32)
+    if overlap > 0:
+        r = np.arange(1, overlap + 1, dtype=np.float32) / (overlap + 1)
+        if start > 0:
+            w[:overlap] = r
+        if start + tile < n:
+            w[tile - overlap:] = np.minimum(w[tile - overlap:], r[::-1])
+    return w
+
+
 class Fuser:
     """Fuses luma pairs with DCEvo, padding them to bucketed shapes so few shapes get compiled.
 
     ``compiled_shapes`` records the distinct (batch, height, width) shapes run so far
-    (``dcevo.fuse`` is jit-compiled once per shape).
+    (``dcevo.fuse`` is jit-compiled once per shape). With ``tile > 0`` an image larger than
+    ``tile`` is fused in overlapping ``tile x tile`` windows blended over ``overlap`` pixels.
     """
 
-    def __init__(self, params: Any, config, bucket: int = 32, batch_size: int = 1):
+    def __init__(self, params: Any, config, bucket: int = 32, batch_size: int = 1,
+                 tile: int = 0, overlap: int = 64):
         if bucket < 1 or batch_size < 1:
             raise FuseError("bucket and batch size must be >= 1")
+        if tile < 0 or overlap < 0 or (tile and overlap >= tile):
+            raise FuseError(f"need --tile >= 0 and 0 <= --overlap < --tile, got tile {tile}, "
+                            f"overlap {overlap}")
         self.params, self.config = params, config
         self.bucket, self.batch_size = bucket, batch_size
+        self.tile, self.overlap = int(tile), int(overlap)
         self.compiled_shapes: set[tuple[int, int, int]] = set()
+
+    def _run(self, ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+        """``dcevo.fuse`` on ``(n, H, W, 1)`` arrays, padded to ``batch_size`` (one shape per bucket)."""
+        from evafusion_jax import dcevo
+        n = ir.shape[0]
+        if n < self.batch_size:  # keep one compiled shape per bucket
+            ir = np.concatenate([ir, np.repeat(ir[-1:], self.batch_size - n, axis=0)])
+            vi = np.concatenate([vi, np.repeat(vi[-1:], self.batch_size - n, axis=0)])
+        self.compiled_shapes.add(tuple(ir.shape[:3]))
+        return np.asarray(dcevo.fuse(self.params, ir, vi, self.config))[:n]
+
+    def _fuse_tiled(self, ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+        """One padded ``(H, W, 1)`` pair in overlapping tiles, blended; ``(H, W, 1)``."""
+        hp, wp = ir.shape[:2]
+        th, tw = min(self.tile, hp), min(self.tile, wp)
+        wins = [(y, x) for y in tile_starts(hp, th, self.overlap)
+                for x in tile_starts(wp, tw, self.overlap)]
+        acc = np.zeros((hp, wp, 1), np.float64)
+        norm = np.zeros((hp, wp, 1), np.float64)
+        for i in range(0, len(wins), self.batch_size):
+            chunk = wins[i:i + self.batch_size]
+            a = np.stack([ir[y:y + th, x:x + tw] for y, x in chunk]).astype(np.float32)
+            b = np.stack([vi[y:y + th, x:x + tw] for y, x in chunk]).astype(np.float32)
+            for (y, x), out in zip(chunk, self._run(a, b)):
+                w = (_ramp(th, y, hp, self.overlap)[:, None]
+                     * _ramp(tw, x, wp, self.overlap)[None, :])[..., None]
+                acc[y:y + th, x:x + tw] += w * out
+                norm[y:y + th, x:x + tw] += w
+        return (acc / norm).astype(np.float32)
 
     def padded_shape(self, h: int, w: int) -> tuple[int, int]:
         return padded_shape(h, w, self.bucket)
 
     def fuse_batch(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Fuses ``(ir_y, vi_y)`` pairs whose padded shapes are equal; returns ``(H, W, 1)`` arrays."""
-        from evafusion_jax import dcevo
         if not pairs:
             return []
         shapes = {self.padded_shape(*ir.shape[:2]) for ir, _ in pairs}
@@ -153,12 +210,10 @@ class Fuser:
         hp, wp = shapes.pop()
         ir = np.stack([_pad_to(a, hp, wp) for a, _ in pairs]).astype(np.float32)
         vi = np.stack([_pad_to(b, hp, wp) for _, b in pairs]).astype(np.float32)
-        n = len(pairs)
-        if n < self.batch_size:  # keep one compiled shape per bucket
-            ir = np.concatenate([ir, np.repeat(ir[-1:], self.batch_size - n, axis=0)])
-            vi = np.concatenate([vi, np.repeat(vi[-1:], self.batch_size - n, axis=0)])
-        self.compiled_shapes.add((ir.shape[0], hp, wp))
-        out = np.asarray(dcevo.fuse(self.params, ir, vi, self.config))
+        if self.tile and (hp > self.tile or wp > self.tile):
+            out = np.stack([self._fuse_tiled(a, b) for a, b in zip(ir, vi)])
+        else:
+            out = self._run(ir, vi)
         return [np.clip(out[i, :a.shape[0], :a.shape[1]], 0.0, 1.0) for i, (a, _) in enumerate(pairs)]
 
     def __call__(self, ir_y: np.ndarray, vi_y: np.ndarray) -> np.ndarray:
@@ -189,22 +244,18 @@ class PairJob:
 
 
 def plan_folder(ir_dir, vi_dir, resize_to: str | None = None, max_listed: int = 20) -> list[PairJob]:
-    """Pairs the files and checks their headers and sizes, before any decoding or model work."""
+    """Pairs the files, decodes every one (a truncated file is found here) and checks the
+    sizes, before any model work."""
     pairs = image_io.pair_files({"ir": ir_dir, "vi": vi_dir}, max_listed=max_listed)
-    unreadable, mismatched, jobs = [], [], []
+    sizes = image_io.check_images([p for _, paths in pairs for p in paths.values()],
+                                  max_listed=max_listed)  # decodes every file
+    mismatched, jobs = [], []
     for stem, paths in pairs:
-        try:
-            ir_hw = image_io.image_size(paths["ir"])
-            vi_hw = image_io.image_size(paths["vi"])
-        except image_io.ImageReadError as e:
-            unreadable.append(str(e))
-            continue
+        ir_hw, vi_hw = sizes[paths["ir"]], sizes[paths["vi"]]
         if ir_hw != vi_hw and resize_to is None:
             mismatched.append(f"{stem}: ir {ir_hw[1]}x{ir_hw[0]}, vi {vi_hw[1]}x{vi_hw[0]}")
         size = vi_hw if resize_to == "vi" else ir_hw
         jobs.append(PairJob(stem, paths["ir"], paths["vi"], size))
-    if unreadable:
-        raise image_io.ImageReadError(f"{len(unreadable)} unreadable file(s):\n  " + "\n  ".join(unreadable[:max_listed]))
     if mismatched:
         more = f"\n  ... ({len(mismatched)} in all)" if len(mismatched) > max_listed else ""
         raise FuseError(f"{len(mismatched)} pair(s) differ in size (width x height):\n  "
@@ -215,7 +266,8 @@ def plan_folder(ir_dir, vi_dir, resize_to: str | None = None, max_listed: int = 
 
 def fuse_folder(params: Any, config, ir_dir, vi_dir, out_dir, *, bucket: int = 32, batch_size: int = 1,
                 resize_to: str | None = None, gray: bool = False, overwrite: bool = False,
-                progress: bool = True) -> dict:
+                progress: bool = True, tile: int = 0, overlap: int = 64,
+                jobs: list[PairJob] | None = None) -> dict:
     """Fuses every pair of ``ir_dir``/``vi_dir`` into ``out_dir`` (``<stem>.png``); see the module doc.
 
     Returns a summary dict: ``images``, ``seconds``, ``images_per_s``, ``compiled_shapes``, ``out``.
@@ -224,8 +276,9 @@ def fuse_folder(params: Any, config, ir_dir, vi_dir, out_dir, *, bucket: int = 3
         raise FuseError(f"resize_to must be None, 'ir' or 'vi', got {resize_to!r}")
     out_dir = Path(out_dir)
     image_io.check_output_dir(out_dir, [Path(ir_dir), Path(vi_dir)], overwrite)
-    jobs = plan_folder(ir_dir, vi_dir, resize_to)
-    fuser = Fuser(params, config, bucket=bucket, batch_size=batch_size)
+    if jobs is None:
+        jobs = plan_folder(ir_dir, vi_dir, resize_to)
+    fuser = Fuser(params, config, bucket=bucket, batch_size=batch_size, tile=tile, overlap=overlap)
 
     groups: dict[tuple[int, int], list[PairJob]] = {}
     for job in jobs:
@@ -278,45 +331,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int, default=32,
                    help="pad sizes up to multiples of this (default 32; 1 = no padding, one compile per size)")
     p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass within a size bucket")
+    p.add_argument("--tile", type=int, default=0,
+                   help="fuse images larger than this in overlapping TILE x TILE windows (bounded memory; "
+                        "0 = whole images, the default)")
+    p.add_argument("--overlap", type=int, default=64, help="overlap of neighbouring tiles in pixels (default 64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
+OOM_HINT = ("fuse large images in overlapping tiles, e.g. --tile 512 --overlap 64 (memory bounded "
+            "by the tile), use --batch-size 1, or run on a device with more memory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.pairs:
         if args.ir or args.vi:
             print("error: give either --pairs or --ir/--vi, not both", file=sys.stderr)
-            return 2
+            return cli.EXIT_INPUT
         ir_dir, vi_dir = Path(args.pairs) / "ir", Path(args.pairs) / "vi"
     else:
         if not (args.ir and args.vi):
             print("error: give --ir and --vi (or --pairs DIR holding ir/ and vi/)", file=sys.stderr)
-            return 2
+            return cli.EXIT_INPUT
         ir_dir, vi_dir = Path(args.ir), Path(args.vi)
-    try:
+
+    def body():
         # Validate the inputs before loading the model, so input errors come fast.
         image_io.check_output_dir(args.out, [ir_dir, vi_dir], args.overwrite)
-        plan_folder(ir_dir, vi_dir, args.resize_to)
+        Fuser(None, None, args.bucket, args.batch_size, args.tile, args.overlap)  # option check
+        jobs = plan_folder(ir_dir, vi_dir, args.resize_to)
         params, config = load_model(args.checkpoint, args.init_random, args.seed)
         summary = fuse_folder(params, config, ir_dir, vi_dir, args.out, bucket=args.bucket,
                               batch_size=args.batch_size, resize_to=args.resize_to, gray=args.gray,
-                              overwrite=args.overwrite, progress=not args.quiet)
-    except (FuseError, image_io.PairingError, image_io.ImageReadError, image_io.OutputFolderError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from evafusion_jax.checkpoints import CheckpointError
-        if isinstance(e, CheckpointError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    print(f"fused {summary['images']} images in {summary['seconds']:.2f} s "
-          f"({summary['images_per_s']:.2f} images/s, {summary['compiled_shapes']} compiled shape(s)) "
-          f"-> {summary['out']}")
-    return 0
+                              overwrite=args.overwrite, progress=not args.quiet, tile=args.tile,
+                              overlap=args.overlap, jobs=jobs)
+        print(f"fused {summary['images']} images in {summary['seconds']:.2f} s "
+              f"({summary['images_per_s']:.2f} images/s, {summary['compiled_shapes']} compiled shape(s)) "
+              f"-> {summary['out']}")
+    return cli.run(body, prog="fuse", oom_hint=OOM_HINT)
 
 
 if __name__ == "__main__":

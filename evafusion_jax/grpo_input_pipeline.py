@@ -317,7 +317,8 @@ def make_loader(data_dir: str | os.PathLike, *, batch_size: int = 2, seed: int =
       num_regions: K slots per sample.
       region_source: ``"sam"``/``"cache"`` (needs ``cache_dir``), ``"random_crops"``,
         ``"grid"`` or ``"superpixels"``.
-      cache_dir: region cache folder for ``"sam"``; it must hold every image.
+      cache_dir: region cache folder for ``"sam"``; it must hold every image, computed from
+        the same file contents (checked by SHA-256, ``RegionCache.check_contents``).
       region_params: keyword arguments of the on-the-fly source
         (``random_crop_regions``: min_frac, max_frac; ``superpixel_regions``:
         method, n_segments, compactness, felzenszwalb_scale).
@@ -347,6 +348,7 @@ def make_loader(data_dir: str | os.PathLike, *, batch_size: int = 2, seed: int =
                            min_valid_regions=min_valid_regions, data_dir=data_dir)
     if crop.cache is not None:
         crop.cache.check_covers(source.names, source.sizes)
+        crop.cache.check_contents(data_dir, source.names)
         if all(crop.cache.images[n].get("num_valid", 1) == 0 for n in source.names):
             # Every sample would be skipped: an infinite loader would spin forever.
             raise regions_lib.RegionError(

@@ -114,6 +114,63 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"cannot read image {path!r}: {e}") from e
 
 
+def _decode_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every pixel: a truncated or corrupt file fails here
+            w, h = img.size
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ImageReadError(f"cannot read image {path!r}: {e}") from e
+    return h, w
+
+
+def check_images(paths, decode: bool = True, workers: int | None = None,
+                 max_listed: int = 20) -> dict[Path, tuple[int, int]]:
+    """The pre-pass of the folder CLIs: ``{path: (height, width)}`` of every file.
+
+    With ``decode`` every image is fully decoded (in threads), so a truncated or corrupt
+    file is found before any work starts; otherwise only the headers are read. Raises
+    :class:`ImageReadError` listing every unreadable file.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(dict.fromkeys(Path(p) for p in paths))
+    fn = _decode_size if decode else image_size
+
+    def one(p):
+        try:
+            return fn(str(p)), None
+        except (ImageReadError, OSError) as e:
+            return None, str(e)
+    n = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, n)) as pool:
+        results = list(pool.map(one, paths))
+    bad = [err for _, err in results if err is not None]
+    if bad:
+        more = f"\n  ... ({len(bad)} in all)" if len(bad) > max_listed else ""
+        raise ImageReadError(f"{len(bad)} unreadable file(s) (nothing was written):\n  "
+                             + "\n  ".join(bad[:max_listed]) + more)
+    return {p: size for p, (size, _) in zip(paths, results)}
+
+
+SAME_SIZE_RULE = ("fused, infrared and visible images must have the same size (width x height); "
+                  "a fused image of another size than its sources is rejected, never resized")
+
+
+def size_mismatches(groups, sizes: dict) -> list[str]:
+    """The one rule of ``evaluate`` and ``score``: every image of a ``(label, {role: path})``
+    group must have the same size. Returns one line per group that breaks it
+    (``"label: fused 10x10, ir 64x48, vi 64x48"``); ``sizes`` maps paths to ``(H, W)``."""
+    out = []
+    for label, paths in groups:
+        hw = {role: sizes[Path(p)] for role, p in paths.items()}
+        if len(set(hw.values())) != 1:
+            out.append(f"{label}: " + ", ".join(f"{r} {s[1]}x{s[0]}" for r, s in hw.items()))
+    return out
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` of an image from its header, without decoding the pixels."""
     path = str(path)
@@ -334,6 +391,28 @@ class OutputFolderError(ValueError):
     """The requested output folder cannot be used."""
 
 
+def check_writable(out: str | os.PathLike, error=OSError) -> None:
+    """Raises ``error`` when the folder ``out`` cannot be created or written: an ancestor is a
+    file, or the nearest existing ancestor is not writable (read-only mount, permissions)."""
+    out = Path(out).absolute()
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise error(f"cannot create the output folder {str(out)!r}: {str(anc)!r} is a file, "
+                    "not a folder; choose another output location")
+    if not os.access(anc, os.W_OK):
+        raise error(f"cannot write the output folder {str(out)!r}: {str(anc)!r} is read-only "
+                    "for this user; choose another output location")
+    try:
+        read_only = bool(os.statvfs(anc).f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):
+        read_only = False
+    if read_only:
+        raise error(f"cannot write the output folder {str(out)!r}: {str(anc)!r} is on a "
+                    "read-only file system; choose another output location")
+
+
 def check_output_dir(out: str | os.PathLike, inputs=(), overwrite: bool = False) -> Path:
     """Refuses an output folder that is (inside) an input folder, is a file, or is non-empty without ``overwrite``."""
     out = Path(out)
@@ -344,6 +423,7 @@ def check_output_dir(out: str | os.PathLike, inputs=(), overwrite: bool = False)
             raise OutputFolderError(f"output folder {str(out)!r} must not be (inside) the input folder {str(d)!r}")
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"output {str(out)!r} exists and is not a folder")
+    check_writable(out, OutputFolderError)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputFolderError(f"output folder {str(out)!r} exists and is not empty; choose another output "
                                 "folder or pass --overwrite to replace it")

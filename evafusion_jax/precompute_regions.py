@@ -17,8 +17,11 @@ SAM) or the infrared one (``ir``). Sources: ``sam`` (segment_anything's
 The cache layout is described in :mod:`evafusion_jax.regions`.
 
 Resuming: an existing cache made with the same parameters is completed (images
-already there are skipped); one made with other parameters is an error unless
-``--overwrite`` (which deletes the old cache first). torch and segment_anything
+already there are skipped; an image whose ir/vi files changed since its masks were
+computed, by SHA-256, or that has no recorded hash, is recomputed and named in the
+log); one made with other parameters is an error unless ``--overwrite`` (which
+deletes the old cache first). Temporary mask files left by a killed run are removed.
+Every image is decoded before any work. Exit codes: :mod:`evafusion_jax.cli`. torch and segment_anything
 are imported only for the SAM source.
 """
 
@@ -62,11 +65,8 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file {path} does not exist")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return {"path": str(path.absolute()), "size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"path": str(path.absolute()), "size": path.stat().st_size,
+            "sha256": regions_lib.file_sha256(path)}
 
 
 def tree_digest(named_arrays: Mapping[str, Any]) -> str:
@@ -240,12 +240,23 @@ def _prepare_cache_dir(cache_dir: Path, source_desc: dict, num_regions: int,
     return fresh
 
 
-def _is_done(cache_dir: Path, index: dict, name: str, size: tuple[int, int], k: int) -> bool:
+def _is_done(cache_dir: Path, index: dict, name: str, size: tuple[int, int], k: int,
+             hashes: dict | None = None, data_dir: Path | None = None) -> bool:
     rel = regions_lib.mask_file_name(name)
     path = cache_dir / rel
     if not path.is_file():
         index["images"].pop(name, None)
         return False
+    old = index["images"].get(name, {})
+    if hashes is not None:
+        changed = [r for r in ("ir", "vi") if old.get(f"{r}_sha256") != hashes[f"{r}_sha256"]]
+        if changed:
+            why = ("no content hash recorded (older cache)" if not old.get("ir_sha256") else
+                   "file changed since its masks were computed: " + ", ".join(
+                       str(Path(data_dir or ".") / r / name) for r in changed))
+            log.warning("recomputing %s: %s", name, why)
+            index["images"].pop(name, None)
+            return False
     try:
         data = regions_lib.read_region_file(path)
     except RegionError as e:
@@ -258,7 +269,8 @@ def _is_done(cache_dir: Path, index: dict, name: str, size: tuple[int, int], k: 
         index["images"].pop(name, None)
         return False
     index["images"][name] = {"file": rel, "height": h, "width": w,
-                             "num_valid": int(np.asarray(data["valid"]).sum())}
+                             "num_valid": int(np.asarray(data["valid"]).sum()),
+                             **(hashes or {})}
     return True
 
 
@@ -307,6 +319,12 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
         raise RegionError(f"num_regions must be >= 1, got {num_regions}")
     cache_dir = Path(cache_dir)
     data = pipeline.PairDataSource(data_dir, names)
+    from evafusion_jax import image_io
+    try:  # decode every image now: a truncated file is found before any work
+        image_io.check_images([Path(data_dir) / r / n for n in data.names for r in ("ir", "vi")])
+    except image_io.ImageReadError as e:
+        raise pipeline.PairDataError(str(e)) from None
+    image_io.check_writable(cache_dir, RegionError)
 
     # Describe everything that determines the masks (compared when resuming).
     desc: dict[str, Any] = {"kind": source, "image": image}
@@ -356,9 +374,14 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
         raise RegionError(f"region source parameters are not JSON-serialisable: {e}") from e
     index = _prepare_cache_dir(cache_dir, desc, num_regions, overwrite)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    from evafusion_jax import fileio
+    fileio.remove_stale_temporaries(cache_dir)
+    fileio.remove_stale_temporaries(cache_dir / regions_lib.MASKS_DIR)
     index["data_dir"] = str(Path(data_dir).absolute())
+    hashes = regions_lib.pair_hashes(data_dir, data.names)
     todo = [i for i, n in enumerate(data.names)
-            if not _is_done(cache_dir, index, n, data.sizes[n], num_regions)]
+            if not _is_done(cache_dir, index, n, data.sizes[n], num_regions, hashes[n],
+                            Path(data_dir))]
     regions_lib.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
     log.info("%d of %d images already in %s; computing %d", len(data) - len(todo), len(data),
              cache_dir, len(todo))
@@ -371,8 +394,8 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
     for i in tqdm(todo, desc=f"regions ({source})", unit="image", disable=not progress):
         name = data.names[i]
         masks, valid, area, score = compute(i)
-        index["images"][name] = regions_lib.write_region_file(cache_dir, name, masks, valid,
-                                                              area, score)
+        index["images"][name] = {**regions_lib.write_region_file(cache_dir, name, masks, valid,
+                                                                 area, score), **hashes[name]}
         new += 1
         if new % max(1, index_every) == 0:
             regions_lib.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
@@ -454,17 +477,12 @@ def _split_config_args(argv: Sequence[str], default_cfg: str) -> tuple[list[str]
 
 def parse_args(argv: Sequence[str]):
     """Returns the resolved ``ml_collections`` config of a command line."""
-    from absl import flags
-    from ml_collections import config_flags
+    from evafusion_jax import train_utils
 
-    default_cfg = Path(__file__).resolve().parent.parent / "configs" / "regions.py"
+    default_cfg = train_utils.default_config_path("regions.py")
     cfg_args, rest = _split_config_args(argv, str(default_cfg))
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=str(default_cfg), flag_values=fv,
-                                    help_string="ml_collections config file",
-                                    sys_argv=["precompute_regions"] + cfg_args)
-    fv(["precompute_regions"] + cfg_args)
-    cfg = fv.config
+    # unknown keys (command line or config file) are a UsageError naming the closest key
+    cfg = train_utils.parse_cli_config(["precompute_regions"] + cfg_args, str(default_cfg))
 
     p = argparse.ArgumentParser(
         prog="python -m evafusion_jax.precompute_regions",
@@ -498,14 +516,18 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
+    from evafusion_jax import cli
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, progress = parse_args(sys.argv[1:] if argv is None else argv)
-    if not cfg.data_dir or not cfg.cache_dir:
-        raise SystemExit("error: --data (folder with ir/ and vi/) and --cache (output folder) "
-                         "are required")
-    region_params = {"random_crops": dict(cfg.random_crops),
-                     "superpixels": dict(cfg.superpixels)}.get(cfg.source)
-    try:
+
+    def body():
+        cfg, progress = parse_args(sys.argv[1:] if argv is None else argv)
+        if not cfg.data_dir or not cfg.cache_dir:
+            raise cli.UsageError("--data (folder with ir/ and vi/) and --cache (output folder) "
+                                 "are required")
+        region_params = {"random_crops": dict(cfg.random_crops),
+                         "superpixels": dict(cfg.superpixels)}.get(cfg.source)
         index = precompute_regions(
             cfg.data_dir, cfg.cache_dir, source=cfg.source, image=cfg.image,
             num_regions=cfg.num_regions, sam_model_type=cfg.sam.model_type,
@@ -513,12 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             generator_params=dict(cfg.generator), device=cfg.sam.device,
             dcevo_checkpoint=cfg.dcevo or None, region_params=region_params, seed=cfg.seed,
             overwrite=cfg.overwrite, progress=progress, index_every=cfg.index_every)
-    except (RegionError, pipeline.PairDataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    log.info("region cache %s: %d images, K=%d, source %s (complete: %s)", cfg.cache_dir,
-             len(index["images"]), index["num_regions"], index["source"]["kind"],
-             index["complete"])
-    return 0
+        log.info("region cache %s: %d images, K=%d, source %s (complete: %s)", cfg.cache_dir,
+                 len(index["images"]), index["num_regions"], index["source"]["kind"],
+                 index["complete"])
+    return cli.run(body, prog="precompute_regions",
+                   oom_hint="use --device cpu, a smaller SAM (--sam-model-type vit_b), fewer "
+                            "--config.generator.points_per_batch, or --image vi (no DCEvo pass); "
+                            "the run resumes where it stopped")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ pipeline without torch) is a folder::
 ``index.json`` holds ``{"format_version": 1, "num_regions": K, "source":
 {...parameters that produced the cache...}, "images": {name: {"file":
 "masks/<name>.npz", "height": H, "width": W, "num_valid": n}}, "complete":
-bool}``. Masks are packed along the width, so a crop can select its rows
+bool}``. Each image entry also records ``ir_sha256`` and ``vi_sha256``, the SHA-256 of
+the two source files the masks were computed from (the source's own parameters, SAM
+checkpoint hash and DCEvo parameter hash, are in ``source``): ``precompute_regions``
+recomputes an image whose files changed, and the GRPO pipeline refuses a cache whose
+recorded hashes differ from the data folder's files (:meth:`RegionCache.check_contents`).
+Masks are packed along the width, so a crop can select its rows
 before unpacking (:meth:`RegionCache.load_window`).
 """
 
@@ -57,6 +62,32 @@ ON_THE_FLY_SOURCES = ("random_crops", "grid", "superpixels")
 
 class RegionError(ValueError):
     """A region source or region cache got bad input (names the file / field)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file's bytes (streamed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pair_hashes(data_dir: str | os.PathLike, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{name: {"ir_sha256", "vi_sha256"}}`` of the pairs ``DATA/ir/<name>``, ``DATA/vi/<name>``
+    (hashed in threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data_dir = Path(data_dir)
+    jobs = [(n, role, data_dir / role / n) for n in names for role in ("ir", "vi")]
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda j: file_sha256(j[2]), jobs))
+    out: dict[str, dict[str, str]] = {}
+    for (n, role, _), d in zip(jobs, digests):
+        out.setdefault(n, {})[f"{role}_sha256"] = d
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -352,6 +383,34 @@ class RegionCache:
             if bad:
                 raise RegionError(f"region cache {self.cache_dir} has masks of another size "
                                   f"for: {', '.join(bad[:20])}; recompute with --overwrite")
+
+    def check_contents(self, data_dir: str | os.PathLike, names: Iterable[str]) -> None:
+        """Raises a :class:`RegionError` naming the images whose files differ from the ones
+        the cache's masks were computed from (recorded SHA-256). Entries without hashes
+        (caches of older versions) cannot be checked: a warning says so."""
+        import logging
+
+        names = list(names)
+        unchecked = [n for n in names if "ir_sha256" not in self.images.get(n, {})]
+        checked = [n for n in names if n not in unchecked]
+        have = pair_hashes(data_dir, checked)
+        bad = []
+        for n in checked:
+            roles = [r for r in ("ir", "vi") if have[n][f"{r}_sha256"] != self.images[n][f"{r}_sha256"]]
+            if roles:
+                bad.append(", ".join(f"{Path(data_dir) / r / n}" for r in roles))
+        if bad:
+            raise RegionError(
+                f"region cache {self.cache_dir} was computed from other image contents than "
+                f"{len(bad)} file(s) of {data_dir} (same names, different bytes): "
+                + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+                + ". Rerun precompute_regions on this data folder (it recomputes the changed "
+                "images), or use the cache made for these images")
+        if unchecked:
+            logging.getLogger(__name__).warning(
+                "region cache %s records no content hashes for %d image(s) (made by an older "
+                "version): cannot check that its masks belong to these files; rerun "
+                "precompute_regions to record them", self.cache_dir, len(unchecked))
 
     def _read(self, name: str) -> dict:
         if name not in self.images:

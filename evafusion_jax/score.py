@@ -15,8 +15,9 @@ output folder gets
 * with ``--raw_heatmaps``, ``heatmaps_raw/<stem>.png``: the heatmap itself as
   8-bit grayscale at the model's resolution.
 
-Everything is checked (pairs, readable images, checkpoint) before anything is
-written, and the output is written to a temporary folder renamed into place.
+Everything is checked (pairs, every image decoded, sizes, checkpoint) before anything
+is written; a fused image must have the size of its sources (the rule of ``evaluate``,
+``image_io.size_mismatches``), and the output is written to a temporary folder renamed into place.
 Preprocessing is the training one (``feedback_data.preprocess_example``).
 """
 
@@ -116,6 +117,15 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
         raise ScoreInputError(f"--batch_size must be >= 1, got {batch_size}")
     triples = match_sources(fused_dir, ir_dir, vi_dir)
     out = image_io.check_output_dir(output, inputs=(fused_dir, ir_dir, vi_dir), overwrite=overwrite)
+    groups = [(f.stem, {"fused": f, "ir": i, "vi": v}) for f, i, v in triples]
+    try:  # decodes every file: a truncated image is found before any work
+        sizes = image_io.check_images([p for _, g in groups for p in g.values()])
+    except image_io.ImageReadError as e:
+        raise ScoreInputError(str(e)) from None
+    bad = image_io.size_mismatches(groups, sizes)
+    if bad:
+        raise ScoreInputError(image_io.SAME_SIZE_RULE + ":\n  " + "\n  ".join(bad[:20])
+                              + (f"\n  ... ({len(bad)} in all)" if len(bad) > 20 else ""))
     params, cfg_dict = checkpoints.load_params(checkpoint, "reward")
     config = rm.RewardConfig.from_dict(cfg_dict)
     if dtype:
@@ -192,17 +202,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from evafusion_jax import checkpoints, image_io
-    try:
+    from evafusion_jax import cli
+
+    def body():
         score_folder(args.checkpoint, args.fused, args.ir, args.vi, args.output,
                      batch_size=args.batch_size, alpha=args.alpha, cmap=args.cmap,
                      raw_heatmaps=args.raw_heatmaps, overwrite=args.overwrite, dtype=args.dtype,
                      progress=not args.no_progress)
-    except (ScoreInputError, checkpoints.CheckpointError, image_io.OutputFolderError,
-            FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 2
-    return 0
+    return cli.run(body, prog="score", oom_hint="use a smaller --batch_size, or --dtype bfloat16")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ Multi-GPU: every local device is used (data parallel over the ``data`` mesh axis
 ``data.batch_size`` is the GLOBAL batch and must be a multiple of the device count.
 Multi-host: start one process per host with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set (or under SLURM / Open MPI); each
-host reads its shard of the pairs. A NaN/inf loss stops the run without saving
-(the last checkpoint on disk is the last good one).
+host reads its shard of the pairs. A NaN/inf loss or state stops the run without saving
+(exit code 3; the last checkpoint on disk is the last good one, see
+``train_utils.guard_step``). The workdir is locked while the run lasts (a second run
+on it refuses, exit code 4). Exit codes: ``evafusion_jax.cli``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from evafusion_jax import checkpoints, dcevo, grpo, grpo_input_pipeline, parallel, reward_fns
+from evafusion_jax import checkpoints, cli, dcevo, grpo, grpo_input_pipeline, locks, parallel
+from evafusion_jax import reward_fns
 from evafusion_jax import grpo_training as gt
 from evafusion_jax import train_utils as tu
 
@@ -123,6 +126,11 @@ def train(cfg) -> dict:
     _validate(cfg)
     hp = _hparams(cfg)
     parallel.maybe_initialize_distributed()
+    with locks.WorkdirLock(cfg.workdir, "train_grpo", primary=jax.process_index() == 0):
+        return _train(cfg, hp)
+
+
+def _train(cfg, hp: gt.TrainHParams) -> dict:
     mesh = parallel.data_mesh()
     workdir = Path(cfg.workdir)
     per_host = parallel.local_batch_size(int(cfg.data.batch_size), mesh)
@@ -158,7 +166,7 @@ def train(cfg) -> dict:
     p_step = gt.make_train_step(hp, mcfg, tx, reward_fn, mesh, schedule)
     eval_fn = gt.make_eval_fn(mcfg) if cfg.image_every_steps > 0 else None
 
-    writer = tu.MetricWriter(workdir / "logs")
+    writer = tu.MetricWriter(workdir / "logs", resume_step=step)
     extra = {"config": cfg.to_dict(), "dcevo_config": mcfg.to_dict()}
     preview = None
     metrics: dict = {}
@@ -174,7 +182,7 @@ def train(cfg) -> dict:
             if step == cfg.debug_nan_at_step:
                 batch = _nan_batch(batch)
             state, m = p_step(state, reward_params, parallel.shard_batch(batch, mesh))
-            tu.check_finite(m["loss"], step)
+            tu.guard_step(ckpt, m["loss"], state, step, batch)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -220,18 +228,21 @@ def export(cfg, params, mcfg: dcevo.DCEvoConfig, workdir: Path) -> None:
         log.info("wrote %s", cfg.export_pth)
 
 
+OOM_HINT = ("Lower --config.data.batch_size or --config.data.crop_size (or group_size / "
+            "num_regions for grpo), use --config.reward_dtype=bfloat16 --config.dcevo.dtype=bfloat16, "
+            "or more devices; the run resumes from its last checkpoint")
+
+
 def main(argv=None) -> int:
+    """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
     argv = list(sys.argv if argv is None else argv)
-    cfg = tu.parse_cli_config(argv, tu.default_config_path("grpo.py"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
-    try:
+
+    def body():
+        cfg = tu.parse_cli_config(argv, tu.default_config_path("grpo.py"), description=__doc__)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                            force=True)
         train(cfg)
-    except (ConfigError, tu.NonFiniteLossError, grpo_input_pipeline.PairDataError,
-            checkpoints.CheckpointError) as e:
-        log.error("%s", e)
-        return 1
-    return 0
+    return cli.run(body, prog="train_grpo", oom_hint=OOM_HINT)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from evafusion_jax import checkpoints
+from evafusion_jax import checkpoints, cli, locks
 from evafusion_jax import parallel as par
 from evafusion_jax import reward_model as rm
 from evafusion_jax import reward_training as rt
@@ -236,8 +236,15 @@ def train(cfg) -> dict:
     """Trains as configured; resumes from ``workdir/checkpoints`` if present.
 
     Returns a summary dict: ``step``, ``best_value``, ``last_eval`` metrics,
-    ``final_model`` path, ``resumed_from``.
+    ``final_model`` path, ``resumed_from``. The workdir is locked while the run lasts
+    (``locks.WorkdirLock``: a second run on it refuses).
     """
+    with locks.WorkdirLock(Path(cfg.workdir).absolute(), "train_reward",
+                           primary=jax.process_index() == 0):
+        return _train(cfg)
+
+
+def _train(cfg) -> dict:
     workdir = Path(cfg.workdir).absolute()
     if cfg.batch_size < 1 or cfg.num_epochs < 1:
         raise ConfigError(f"config.batch_size ({cfg.batch_size}) and config.num_epochs "
@@ -314,7 +321,7 @@ def train(cfg) -> dict:
                                     score_weight=float(cfg.score_weight),
                                     heatmap_weight=float(cfg.heatmap_weight),
                                     debug_nan_at_step=int(cfg.debug_nan_at_step))
-    writer = tu.MetricWriter(workdir / "logs")
+    writer = tu.MetricWriter(workdir / "logs", resume_step=step)
     writer.text(step, "config", "```\n" + str(cfg) + "\n```")
     last_eval: dict = {}
 
@@ -331,8 +338,9 @@ def train(cfg) -> dict:
     try:
         while step < total_steps:
             batch = next(data_it)
-            state, metrics = train_step(state, frozen_rep, par.shard_batch(_strip(batch), mesh))
-            tu.check_finite(metrics["loss"], step)  # raises before anything is saved
+            batch = _strip(batch)
+            state, metrics = train_step(state, frozen_rep, par.shard_batch(batch, mesh))
+            tu.guard_step(ckpt, metrics["loss"], state, step, batch)  # raises before any save
             step += 1
             bar.update(1)
             window.append(metrics)
@@ -389,17 +397,25 @@ def train(cfg) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
+OOM_HINT = ("Lower --config.batch_size / --config.eval_batch_size / --config.cache.batch_size, "
+            "use --config.model.dtype=bfloat16, or more devices; the run resumes from its last "
+            "checkpoint")
+
+
 def main(argv=None) -> int:
+    """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
     argv = list(sys.argv if argv is None else argv)
-    cfg = tu.parse_cli_config(argv, tu.default_config_path("reward.py"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    d = cfg.distributed
-    par.maybe_initialize_distributed(
-        d.coordinator_address or None, int(d.num_processes) or None,
-        int(d.process_id) if d.process_id >= 0 else None)
-    try:
+
+    def body():
+        cfg = tu.parse_cli_config(argv, tu.default_config_path("reward.py"), description=__doc__)
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for noisy in ("absl", "jax._src.xla_bridge"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        d = cfg.distributed
+        par.maybe_initialize_distributed(
+            d.coordinator_address or None, int(d.num_processes) or None,
+            int(d.process_id) if d.process_id >= 0 else None)
         if cfg.mode == "train":
             summary = train(cfg)
             logger.info("done: %s", json.dumps(tu._jsonable(summary))[:2000])
@@ -408,19 +424,7 @@ def main(argv=None) -> int:
             logger.info("metrics: %s", json.dumps(tu._jsonable(metrics)))
         else:
             raise ConfigError(f"config.mode must be train or eval, got {cfg.mode!r}")
-    except tu.NonFiniteLossError as e:
-        logger.error("%s", e)
-        return 3
-    except (ConfigError, checkpoints.CheckpointError) as e:
-        logger.error("%s", e)
-        return 2
-    except Exception as e:
-        from evafusion_jax import feedback_data as fd
-        if isinstance(e, fd.FeedbackDataError):
-            logger.error("%s", e)
-            return 2
-        raise
-    return 0
+    return cli.run(body, prog="train_reward", oom_hint=OOM_HINT)
 
 
 if __name__ == "__main__":

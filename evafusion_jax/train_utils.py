@@ -5,7 +5,9 @@
   state (parameters, optimizer state, step, ...), the data iterator state of
   every host (JSON) and a small JSON record (step, metrics, user extras); plus
   a separate *best* checkpoint kept by a metric.
-* :func:`check_finite` / :class:`NonFiniteLossError`: stop a run on NaN/inf.
+* :func:`check_finite` / :func:`check_finite_state` / :class:`NonFiniteLossError`: stop a
+  run on a NaN/inf loss or parameters / optimizer state (nothing non-finite is saved);
+  :meth:`TrainCheckpointer.discard_after` drops checkpoints whose parameters gave it.
 * :class:`MetricWriter`: JSONL metrics and TensorBoard event files.
 * :func:`parse_cli_config` / :func:`default_config_path`: the
   ``--config configs/x.py --config.field=value`` command-line pattern.
@@ -37,6 +39,12 @@ class NonFiniteLossError(FloatingPointError):
     """The loss (or another monitored value) became NaN or infinite."""
 
 
+_NONFINITE_ADVICE = (
+    "The run was stopped without saving. Rerun the same command with a lower learning rate "
+    "(--config.learning_rate / --config.init_lr) or fixed input data: it resumes from the last good "
+    "checkpoint")
+
+
 def check_finite(loss: Any, step: int, what: str = "loss") -> float:
     """Returns ``float(loss)``; raises :class:`NonFiniteLossError` if it is NaN or inf.
 
@@ -48,18 +56,67 @@ def check_finite(loss: Any, step: int, what: str = "loss") -> float:
         values = {k: float(np.asarray(jax.device_get(v))) for k, v in loss.items()}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
-            raise NonFiniteLossError(
-                f"non-finite {what} at step {step}: {bad}. The run was stopped without saving; the "
-                "last checkpoint on disk is the last good one. Lower the learning rate, check the "
-                "input data, or resume from that checkpoint.")
+            raise NonFiniteLossError(f"non-finite {what} at step {step}: {bad}. {_NONFINITE_ADVICE}.")
         return values.get("loss", next(iter(values.values()), float("nan")))
     value = float(np.asarray(jax.device_get(loss)))
     if not math.isfinite(value):
-        raise NonFiniteLossError(
-            f"non-finite {what} ({value}) at step {step}. The run was stopped without saving; the "
-            "last checkpoint on disk is the last good one. Lower the learning rate, check the "
-            "input data, or resume from that checkpoint.")
+        raise NonFiniteLossError(f"non-finite {what} ({value}) at step {step}. {_NONFINITE_ADVICE}.")
     return value
+
+
+@jax.jit
+def _finite_leaves(tree):
+    import jax.numpy as jnp
+    leaves = [x for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def check_finite_state(state: Any, step: int, what: str = "training state") -> None:
+    """Raises :class:`NonFiniteLossError` when any float leaf of ``state`` (the updated
+    parameters, optimizer state, ...) holds a NaN or inf; the message names the first ones."""
+    flags = check_finite_leaves(state)
+    if all(flags):
+        return
+    paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+             if np.issubdtype(np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype),
+                              np.inexact)]
+    bad = [p for p, f in zip(paths, flags) if not bool(f)]
+    raise NonFiniteLossError(
+        f"non-finite values in the {what} after step {step} ({len(bad)} arrays, e.g. "
+        f"{', '.join(bad[:3])}). {_NONFINITE_ADVICE}.")
+
+
+def guard_step(checkpointer: "TrainCheckpointer", loss: Any, new_state: Any, step: int,
+               batch: Any = None) -> float:
+    """The trainers' NaN guard after the update of step ``step`` (0-based) -> ``step + 1``.
+
+    * A non-finite ``loss`` on a finite input ``batch`` was computed with the parameters of
+      checkpoint ``step`` (if one was saved at that step): finite but useless parameters
+      (e.g. 1e30 after a huge learning rate) must not be resumed from, so that checkpoint is
+      deleted and a rerun (with a lower learning rate) resumes from the one before it. When
+      the batch itself holds NaN/inf, the data is to blame and the checkpoint is kept.
+    * A non-finite ``new_state`` (updated parameters / optimizer state) is never saved.
+
+    Raises :class:`NonFiniteLossError` (the CLIs exit with code 3); returns ``float(loss)``.
+    """
+    try:
+        value = check_finite(loss, step)
+    except NonFiniteLossError as e:
+        if batch is not None and not all(check_finite_leaves(batch)):
+            raise NonFiniteLossError(f"{e} The input batch of this step holds NaN/inf values: "
+                                     "check the input data.") from None
+        if checkpointer.discard(step):
+            raise NonFiniteLossError(f"{e} (checkpoint {step}, whose parameters gave this loss, "
+                                     "was deleted)") from None
+        raise
+    check_finite_state(new_state, step + 1)
+    return value
+
+
+def check_finite_leaves(tree: Any) -> list[bool]:
+    """Whether each float leaf of ``tree`` is all finite (one device round trip)."""
+    return [bool(f) for f in jax.device_get(_finite_leaves(tree))]
 
 
 def tree_fingerprint(tree: Any, extra: Any = None) -> str:
@@ -363,6 +420,16 @@ class TrainCheckpointer:
         """Restores the best checkpoint (see :meth:`restore`)."""
         return self._restore_from(self._best, None, target, "best")
 
+    def discard(self, step: int) -> bool:
+        """Deletes the training checkpoint ``step`` if it exists (e.g. its parameters gave a
+        non-finite loss, so a rerun must not resume from it); returns whether it existed."""
+        if int(step) not in self._mgr.all_steps():
+            return False
+        self._mgr.delete(int(step))
+        logger.warning("deleted checkpoint %d of %s: its parameters gave a non-finite loss",
+                       int(step), self.directory)
+        return True
+
     def wait(self) -> None:
         self._mgr.wait_until_finished()
         self._best.wait_until_finished()
@@ -385,11 +452,15 @@ class MetricWriter:
     """Writes scalars to ``logdir/metrics.jsonl`` and TensorBoard events in ``logdir``.
 
     Only process 0 writes by default (``enabled=None``). Non-finite values are
-    written as ``null`` in the JSONL file.
+    written as ``null`` in the JSONL file. ``resume_step``: the step a run resumes
+    from (0 for a fresh start); records of later steps, written by an interrupted
+    run after its last checkpoint, are dropped from the JSONL file so that no step
+    appears twice.
     """
 
     def __init__(self, logdir: str | os.PathLike, enabled: bool | None = None,
-                 tensorboard: bool = True, jsonl_name: str = "metrics.jsonl"):
+                 tensorboard: bool = True, jsonl_name: str = "metrics.jsonl",
+                 resume_step: int | None = None):
         self.logdir = Path(logdir)
         self.enabled = (jax.process_index() == 0) if enabled is None else bool(enabled)
         self._tb = None
@@ -397,6 +468,8 @@ class MetricWriter:
         if not self.enabled:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_jsonl(self.logdir / jsonl_name, int(resume_step))
         self._jsonl = open(self.logdir / jsonl_name, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -452,6 +525,27 @@ class MetricWriter:
         self.close()
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the records of ``path`` with ``step <= last_step`` (atomic rewrite)."""
+    if not path.is_file():
+        return
+    from evafusion_jax.fileio import atomic_path
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(keep), encoding="utf-8")
+        logger.info("%s: dropped %d records after step %d (written after the last checkpoint "
+                    "of an interrupted run)", path, len(lines) - len(keep), last_step)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads a JSONL metrics file written by :class:`MetricWriter`."""
     with open(path, encoding="utf-8") as f:
@@ -466,24 +560,138 @@ def default_config_path(name: str) -> str:
     return str(here) if here.exists() else os.path.join("configs", name)
 
 
-def parse_cli_config(argv: Sequence[str], default_config_path: str,
-                     flag_name: str = "config"):
-    """Parses ``--config PATH --config.a.b=value ...`` into an ``ml_collections.ConfigDict``.
+def _flat_fields(cfg, prefix: str = "") -> dict:
+    """``{"a.b": value}`` of every leaf field of a ConfigDict."""
+    import ml_collections
+    out = {}
+    for k in sorted(cfg.keys()):
+        v = cfg[k]
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat_fields(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
-    ``argv[0]`` is the program name (as in ``sys.argv``). Uses absl
-    ``config_flags.DEFINE_config_file`` on a private ``FlagValues``, so it
-    can be called several times in one process (tests). Unknown flags raise
-    an error naming them.
-    """
+
+def _config_path_of(argv: Sequence[str], default: str, flag_name: str) -> str:
+    path = default
+    for i, a in enumerate(argv):
+        if a == f"--{flag_name}" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith(f"--{flag_name}="):
+            path = a.split("=", 1)[1]
+    return path
+
+
+def load_config_file(path: str, flag_name: str = "config"):
+    """The ``ml_collections.ConfigDict`` of a config file (no overrides)."""
     from absl import flags
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file(flag_name, default=default_config_path,
-                                             flag_values=fv, lock_config=False,
-                                             sys_argv=list(argv))
-    try:
-        fv(list(argv))
-    except flags.Error as e:
-        raise SystemExit(f"error in command-line flags: {e}") from e
+    holder = config_flags.DEFINE_config_file(flag_name, default=path, flag_values=fv,
+                                             lock_config=False, sys_argv=["prog"])
+    fv(["prog"])
     return holder.value
+
+
+def unknown_key_message(cfg, dotted: str, where: str) -> str | None:
+    """A message naming the first component of ``dotted`` that ``cfg`` lacks, with the closest
+    existing key; None when the whole path exists."""
+    import ml_collections
+
+    from evafusion_jax.cli import suggest
+    node, done = cfg, []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return (f"{where}: {'.'.join(done)} is a value, not a group: there is no "
+                    f"{'.'.join(done + [part])}")
+        if part not in node:
+            known = list(node.keys())
+            full = ".".join(done + [part])
+            prefix = ".".join(done) + "." if done else ""
+            return (f"{where}: unknown config key {full!r}"
+                    + suggest(part, known, prefix=prefix)
+                    + f" (keys here: {', '.join(sorted(known)[:30])})")
+        node, done = node[part], done + [part]
+    return None
+
+
+def check_config_keys(cfg, reference, where: str) -> None:
+    """Raises ``cli.UsageError`` when ``cfg`` (e.g. a user's config file) has a key the
+    ``reference`` config lacks (a typo: the closest key is suggested) or lacks one it has."""
+    from evafusion_jax.cli import UsageError, suggest
+
+    have, want = _flat_fields(cfg), _flat_fields(reference)
+    extra = [k for k in have if k not in want and not any(k.startswith(w + ".") for w in want)]
+    if extra:
+        raise UsageError(f"{where}: unknown config key {extra[0]!r}{suggest(extra[0], list(want))}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    missing = [k for k in want if k not in have and not any(k.startswith(h + ".") for h in have)]
+    if missing:
+        raise UsageError(f"{where}: the config lacks the key(s) {', '.join(missing[:10])} "
+                         "(start from the default config file and change values)")
+
+
+def config_help(argv0: str, description: str, cfg, config_path: str,
+                flag_name: str = "config") -> str:
+    """``--help`` text: the program's description and every config field with its value."""
+    lines = [(description or "").strip(), "",
+             f"usage: {argv0} [--{flag_name} FILE] [--{flag_name}.FIELD=VALUE ...]", "",
+             f"Config fields (values from {config_path}):"]
+    lines += [f"  --{flag_name}.{k}={v!r}" for k, v in _flat_fields(cfg).items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_cli_config(argv: Sequence[str], default_config_path: str,
+                     flag_name: str = "config", description: str | None = None):
+    """Parses ``--config PATH --config.a.b=value ...`` into an ``ml_collections.ConfigDict``.
+
+    ``argv[0]`` is the program name (as in ``sys.argv``). Uses absl
+    ``config_flags.DEFINE_config_file`` on a private ``FlagValues``, so it
+    can be called several times in one process (tests). ``--help`` / ``-h`` prints
+    ``description`` and every field, then exits with 0. An unknown field (on the command
+    line or in a config file other than the default) raises ``cli.UsageError`` naming it
+    and the closest existing one; so does a bad value.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from evafusion_jax.cli import UsageError
+
+    argv = list(argv)
+    path = _config_path_of(argv[1:], default_config_path, flag_name)
+    if not os.path.isfile(path.split(":", 1)[0]):
+        raise UsageError(f"config file {path} does not exist (--{flag_name} FILE)")
+    if any(a in ("--help", "-h", "--helpfull", "-help") for a in argv[1:]):
+        import sys
+        cfg = load_config_file(path, flag_name)
+        sys.stdout.write(config_help(argv[0], description or "", cfg, path, flag_name))
+        raise SystemExit(0)
+    fv = flags.FlagValues()
+    try:
+        holder = config_flags.DEFINE_config_file(flag_name, default=default_config_path,
+                                                 flag_values=fv, lock_config=False,
+                                                 sys_argv=list(argv))
+        fv(list(argv))
+        cfg = holder.value
+    except (AttributeError, KeyError) as e:
+        try:
+            base = load_config_file(path, flag_name)
+        except Exception:  # noqa: BLE001 - the original error is reported below
+            base = None
+        for a in argv[1:]:
+            if a.startswith(f"--{flag_name}.") and base is not None:
+                key = a[len(flag_name) + 3:].split("=", 1)[0]
+                msg = unknown_key_message(base, key, f"command-line flag {a}")
+                if msg:
+                    raise UsageError(msg) from None
+        raise UsageError(f"error in command-line flags: {e}") from None
+    except flags.Error as e:
+        raise UsageError(f"error in command-line flags: {e}") from None
+    except (FileNotFoundError, OSError, SyntaxError, ImportError) as e:
+        raise UsageError(f"cannot load the config file {path}: {e}") from None
+    if os.path.abspath(path) != os.path.abspath(default_config_path):
+        check_config_keys(load_config_file(path, flag_name), load_config_file(
+            default_config_path, flag_name), f"config file {path}")
+    return cfg

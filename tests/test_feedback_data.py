@@ -366,3 +366,12 @@ def test_loader_sharding_and_errors(synth_folder):
     # map_fn replaces preprocessing; default sharding follows the JAX process (1 process here)
     ld = fd.make_loader(src, batch_size=5, shuffle=False, map_fn=lambda r: {"i": r["index"]})
     assert [b["i"].tolist() for b in ld] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("value, kind", [("4", "str"), (True, "bool")])
+def test_string_or_boolean_score_is_rejected_with_file_and_line(tmp_path, value, kind):
+    lines = [_line("a.png", 0), _line("b.png", 1, scores=dict(SCORES, Sharpness=value))]
+    root = _write_folder(tmp_path / "d", lines)
+    with pytest.raises(fd.FeedbackDataError,
+                       match=rf"scores.jsonl:2: field 'scores': score 'Sharpness' = .* is a {kind}"):
+        fd.open_split(root, "all")

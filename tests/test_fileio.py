@@ -69,3 +69,30 @@ def _umask_now():
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = fileio.host_name()
+    stale_dir = tmp_path / f".out.tmp-{host}-{dead.pid}-abc"
+    stale_dir.mkdir()
+    stale_file = tmp_path / f".x.tmp-{host}-{dead.pid}-abc.npz"
+    stale_file.write_bytes(b"")
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-abc"  # this process: in use
+    live.mkdir()
+    other = tmp_path / ".out.tmp-elsewhere-1-abc"  # another host, recent: kept
+    other.mkdir()
+    old_other = tmp_path / ".y.tmp-elsewhere-1-abc.png"
+    old_other.write_bytes(b"")
+    t = time.time() - fileio.STALE_OTHER_HOST_SECONDS - 10
+    os.utime(old_other, (t, t))
+    mine = fileio.staging_dir(tmp_path / "out")  # a new staging folder cleans up its name only
+    assert not stale_dir.exists() and stale_file.exists() and live.exists() and other.exists()
+    assert mine.name.startswith(f".out.tmp-{host}-{os.getpid()}-")
+    fileio.remove_stale_temporaries(tmp_path)
+    assert not stale_file.exists() and not old_other.exists() and live.exists()

@@ -130,3 +130,83 @@ def test_existing_output_kept_unless_overwrite_and_bad_input_leaves_it_intact(tm
     Image.fromarray(np.zeros((17, 31), np.uint8)).save(tmp_path / "vi" / "b.png")
     assert fuse.main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+
+
+def test_tiled_fusion_blends_tiles_exactly_for_a_local_model(monkeypatch):
+    """With a pixel-wise stand-in for the network, tiling with overlap must reproduce the
+    untiled result (the blending weights sum to one everywhere); one tile shape is compiled."""
+    monkeypatch.setattr(dcevo, "fuse", lambda p, ir, vi, c: 0.3 * ir + 0.7 * vi ** 2)
+    rng = np.random.default_rng(0)
+    ir = rng.random((45, 70, 1)).astype(np.float32)
+    vi = rng.random((45, 70, 1)).astype(np.float32)
+    whole = fuse.Fuser(None, None, bucket=1)(ir, vi)
+    tiled = fuse.Fuser(None, None, bucket=1, batch_size=3, tile=16, overlap=5)
+    np.testing.assert_allclose(tiled(ir, vi), whole, atol=1e-6)
+    assert tiled.compiled_shapes == {(3, 16, 16)}
+    assert fuse.tile_starts(70, 16, 5) == [0, 11, 22, 33, 44, 54]
+    with pytest.raises(fuse.FuseError, match="overlap"):
+        fuse.Fuser(None, None, tile=16, overlap=16)
+
+
+def test_truncated_image_is_found_before_any_work_and_stale_staging_is_removed(tmp_path, ckpt,
+                                                                               monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from evafusion_jax import fileio
+    data = tmp_path / "data"
+    _write_pairs(data, np.random.default_rng(1))
+    good = (data / "vi" / "b.png").read_bytes()
+    (data / "vi" / "b.png").write_bytes(good[: len(good) // 2])  # header intact, pixels cut
+    loaded = []
+    real_load = fuse.load_model
+    monkeypatch.setattr(fuse, "load_model", lambda *a: loaded.append(a) or real_load(*a))
+    out = tmp_path / "out"
+    assert fuse.main(["--checkpoint", str(ckpt), "--pairs", str(data), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "b.png" in err and "truncated" in err and not loaded and not out.exists()
+    # a staging folder left by a killed fuse (its process is gone) is removed by the next run
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{fileio.host_name()}-{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "a.png").write_bytes(b"partial")
+    (data / "vi" / "b.png").write_bytes(good)
+    assert fuse.main(["--checkpoint", str(ckpt), "--pairs", str(data), "--out", str(out), "--quiet"]) == 0
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_say_interrupted_and_remove_the_staging_folder(tmp_path):
+    """Subprocesses: SIGINT exits 130 and SIGTERM 143, each with 'interrupted' on stderr and
+    no staging folder or output left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from evafusion_jax import synthetic
+    data = synthetic.write_pairs_folder(tmp_path / "data", 40, 48, 48, 0)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    procs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        parent = tmp_path / f"p{int(sig)}"
+        parent.mkdir()
+        procs[sig] = (parent, subprocess.Popen(
+            [sys.executable, "-m", "evafusion_jax.fuse", "--init-random", "tiny", "--pairs", str(data),
+             "--out", str(parent / "out"), "--bucket", "1", "--quiet"],
+            env=env, stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 300
+    for sig, (parent, p) in procs.items():
+        while not any(parent.glob(".out.tmp-*")) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        p.send_signal(sig)
+    for sig, (parent, p) in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
+        assert "interrupted" in err and "Traceback" not in err
+        assert list(parent.iterdir()) == []

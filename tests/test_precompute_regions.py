@@ -99,7 +99,7 @@ def test_sam_cache_is_read_by_the_pipeline_and_resumed(tmp_path, tiny_sam, monke
     assert counter.n == 1 + 3
 
 
-def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatch):
+def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatch, capsys):
     """--sam-checkpoint (a tiny state dict) + --dcevo: the fused image is what SAM segments."""
     from evafusion_jax import checkpoints, dcevo
 
@@ -145,9 +145,10 @@ def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatc
     index = json.loads((tmp_path / "c_fused" / "index.json").read_text())
     assert index["source"]["sam"]["checkpoint"]["path"] == str(moved)
 
-    # Parameter mismatch through the CLI is a clean exit with the reason.
-    with pytest.raises(SystemExit, match="points_per_side"):
-        pr.main(args[:-len(GEN_CLI)] + ["--config.generator.points_per_side=5"] + GEN_CLI[1:])
+    # Parameter mismatch through the CLI is a clean exit (input error, code 2) with the reason.
+    capsys.readouterr()
+    assert pr.main(args[:-len(GEN_CLI)] + ["--config.generator.points_per_side=5"] + GEN_CLI[1:]) == 2
+    assert "points_per_side" in capsys.readouterr().err
 
 
 def test_argument_errors(tmp_path):
@@ -195,3 +196,40 @@ def test_fallback_sources_precomputed(tmp_path, source):
                         cache_dir=cache, num_epochs=1, shard_index=0, shard_count=1)
     (b,) = list(ld)
     assert b["masks"].shape == (2, 4, 16, 16) and b["valid"].any(axis=1).all()
+
+
+def test_changed_images_are_recomputed_and_refused_by_the_pipeline(tmp_path, caplog, monkeypatch):
+    """Same names, other pixels (rotated by 180 degrees): the pipeline refuses the old cache
+    naming the files, and a rerun of precompute recomputes exactly those images. A temporary
+    mask file left by a killed run is removed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from evafusion_jax import fileio
+    data = write_pairs(tmp_path / "d", n=3, size=(24, 32))
+    cache = tmp_path / "c"
+    kw = dict(source="superpixels", image="ir", num_regions=4, progress=False)
+    index = pr.precompute_regions(data, cache, **kw)
+    assert len(index["images"]["p1.png"]["ir_sha256"]) == 64
+    for role in ("ir", "vi"):
+        img = Image.open(data / role / "p1.png")
+        img.rotate(180).save(data / role / "p1.png")
+    old = tmp_path / "old_cache"
+    shutil.copytree(cache, old)
+    with pytest.raises(regions.RegionError, match=r"other image contents.*ir/p1.png.*vi/p1.png"):
+        gp.make_loader(data, batch_size=1, crop_size=16, num_regions=4, region_source="cache",
+                       cache_dir=old, num_epochs=1, shard_index=0, shard_count=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = cache / "masks" / f".p2.png.tmp-{fileio.host_name()}-{dead.pid}-x1y2.npz"
+    stale.write_bytes(b"half")
+    counter = _CountWrites(monkeypatch)
+    with caplog.at_level("WARNING"):
+        again = pr.precompute_regions(data, cache, **kw)
+    assert counter.n == 1 and "p1.png" in caplog.text and "changed" in caplog.text
+    assert not stale.exists() and again["complete"]
+    fresh = regions.superpixel_regions(gp.read_gray(data / "ir" / "p1.png"), 4)[0]
+    np.testing.assert_array_equal(regions.RegionCache(cache).load("p1.png")[0], fresh)
+    gp.make_loader(data, batch_size=1, crop_size=16, num_regions=4, region_source="cache",
+                   cache_dir=cache, num_epochs=1, shard_index=0, shard_count=1)

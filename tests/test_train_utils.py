@@ -141,3 +141,35 @@ def test_parse_cli_config(tmp_path):
     assert cfg.lr == 0.1
     with pytest.raises(BaseException):
         tu.parse_cli_config(["prog", "--config.nope=1"], str(cfg_file))
+
+
+def test_metric_writer_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    with tu.MetricWriter(tmp_path, enabled=True, tensorboard=False) as w:
+        for step in range(1, 6):
+            w.scalars(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line cut by the kill
+    with tu.MetricWriter(tmp_path, enabled=True, tensorboard=False, resume_step=3) as w:
+        w.scalars(4, {"loss": 40.0})
+    rows = tu.read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 40.0
+
+
+def test_guard_step_never_keeps_non_finite_state_and_drops_poisoned_checkpoint(tmp_path):
+    ck = tu.TrainCheckpointer(tmp_path / "ck")
+    good = {"w": np.ones(3, np.float32), "opt": np.zeros(2, np.float32)}
+    ck.save(1, good)
+    ck.save(2, {"w": np.full(3, 1e30, np.float32), "opt": np.zeros(2, np.float32)})
+    assert tu.guard_step(ck, np.float32(0.5), good, 2) == 0.5
+    bad_state = {"w": np.array([1.0, np.inf, 0.0], np.float32), "opt": np.zeros(2, np.float32)}
+    with pytest.raises(tu.NonFiniteLossError, match=r"after step 3.*\['w'\]"):
+        tu.guard_step(ck, np.float32(0.5), bad_state, 2)
+    # a NaN loss on a NaN batch blames the data: the checkpoint of that step is kept
+    with pytest.raises(tu.NonFiniteLossError, match="input batch"):
+        tu.guard_step(ck, np.float32(np.nan), good, 2, {"ir": np.full(2, np.nan, np.float32)})
+    assert ck.latest_step() == 2
+    # a NaN loss on finite inputs: the parameters of checkpoint 2 gave it, it is deleted
+    with pytest.raises(tu.NonFiniteLossError, match="checkpoint 2.*deleted"):
+        tu.guard_step(ck, np.float32(np.nan), good, 2, {"ir": np.zeros(2, np.float32)})
+    assert ck.latest_step() == 1
+    ck.close()
