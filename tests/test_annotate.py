@@ -344,7 +344,7 @@ def _browser(tmp_path):
     return driver
 
 
-def _wait(driver, cond, what, timeout=20):
+def _wait(driver, cond, what, timeout=60):
     from selenium.webdriver.support.ui import WebDriverWait
     return WebDriverWait(driver, timeout).until(lambda d: cond(d), message=what)
 
@@ -354,13 +354,22 @@ def _circles(driver):
             for c in driver.find_elements("css selector", "svg circle.art")]
 
 
-def _drag(driver, view, x0, y0, x1, y1):
-    """Drags inside ``view`` from (x0, y0) to (x1, y1), offsets from its top-left corner (CSS px)."""
+def _drag(driver, view, start, end):
+    """Drags on ``view`` between two points given in pixels of the image it shows (the image's
+    on-screen box, zoom included, comes from the browser)."""
     from selenium.webdriver.common.action_chains import ActionChains
-    rect = view.rect
-    ox, oy = -rect["width"] / 2, -rect["height"] / 2  # move_to_element_with_offset is from centre
-    (ActionChains(driver).move_to_element_with_offset(view, ox + x0, oy + y0).click_and_hold()
-     .move_by_offset((x1 - x0) / 2, (y1 - y0) / 2).move_by_offset((x1 - x0) / 2, (y1 - y0) / 2)
+    img = view.find_element("tag name", "img")
+    box = "return arguments[0].getBoundingClientRect().toJSON()"  # transforms included
+    ir, vr = driver.execute_script(box, img), driver.execute_script(box, view)
+    s = ir["width"] / float(img.get_attribute("naturalWidth"))
+
+    def offset(p):  # from the view's centre, whole CSS pixels
+        return (round(ir["x"] - vr["x"] + p[0] * s - vr["width"] / 2),
+                round(ir["y"] - vr["y"] + p[1] * s - vr["height"] / 2))
+
+    mid = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
+    (ActionChains(driver).move_to_element_with_offset(view, *offset(start)).click_and_hold()
+     .move_to_element_with_offset(view, *offset(mid)).move_to_element_with_offset(view, *offset(end))
      .release().perform())
 
 
@@ -392,20 +401,17 @@ def test_browser_annotate_rank_then_train_reward(tmp_path):
             assert [st.get_attribute("style") for st in stages] == fit
             # draw a circle on the fused image, then resize it with its handle
             view = driver.find_element("css selector", '.view[data-kind="fused"]')
-            scale = view.rect["height"] / 128  # the 128x128 image fits the view's height
-            x0 = view.rect["width"] / 2 - 64 * scale  # left edge of the image in the view
-            _drag(driver, view, x0 + 40 * scale, 48 * scale, x0 + 56 * scale, 48 * scale)
+            _drag(driver, view, (40, 48), (56, 48))
             (c,) = _circles(driver)
             assert abs(c["x"] - 40) < 1 and abs(c["y"] - 48) < 1 and abs(c["r"] - 16) < 1
-            hx = x0 + (c["x"] + c["r"]) * scale
-            _drag(driver, view, hx, c["y"] * scale, hx + 8 * scale, c["y"] * scale)
+            _drag(driver, view, (c["x"] + c["r"], c["y"]), (c["x"] + c["r"] + 8, c["y"]))
             (c2,) = _circles(driver)
             assert abs(c2["r"] - 24) < 1 and abs(c2["x"] - c["x"]) < 0.01
             # a second circle, moved, then taken back by two undos
-            _drag(driver, view, x0 + 100 * scale, 100 * scale, x0 + 108 * scale, 100 * scale)
-            _drag(driver, view, x0 + 100 * scale, 100 * scale, x0 + 90 * scale, 95 * scale)
+            _drag(driver, view, (100, 100), (108, 100))
+            _drag(driver, view, (100, 100), (90, 95))
             c_moved = _circles(driver)[1]
-            assert abs(c_moved["x"] - 90) < 2 and abs(c_moved["y"] - 95) < 2  # whole CSS px moves
+            assert abs(c_moved["x"] - 90) < 1 and abs(c_moved["y"] - 95) < 1
             body.send_keys("z", "z")
             assert len(_circles(driver)) == 1
             driver.save_screenshot(str(tmp_path / "shot.png"))
