@@ -273,7 +273,7 @@ def _niqe_matlab_block_features(mscn: np.ndarray, block: int) -> np.ndarray:
 
 
 def niqe_matlab_features(image: np.ndarray) -> np.ndarray:
-    """Per-block NIQE features ``(num_blocks, 36)`` of a grey 0-255 image, as MATLAB's ``niqe`` (see :func:`niqe_matlab`)."""
+    """Per-block NIQE features ``(num_blocks, 36)`` of a grey 0-255 image, as MATLAB (see :func:`niqe_matlab`)."""
     img = np.asarray(image, dtype=np.float64)
     bh, bw = img.shape[0] // _NIQE_BLOCK, img.shape[1] // _NIQE_BLOCK
     if bh == 0 or bw == 0:

@@ -49,7 +49,8 @@ def _matlab_imresize_reference(img, scale=0.5):
         idx = left[:, None] + np.arange(p)[None, :]
         d = scale * (u[:, None] - idx)
         a = np.abs(d)
-        k = np.where(a <= 1, 1.5 * a ** 3 - 2.5 * a ** 2 + 1, np.where(a <= 2, -0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2, 0))
+        k = np.where(a <= 1, 1.5 * a ** 3 - 2.5 * a ** 2 + 1,
+                     np.where(a <= 2, -0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2, 0))
         w = scale * k
         w /= w.sum(axis=1, keepdims=True)
         aux = np.concatenate([np.arange(n_in), np.arange(n_in)[::-1]])  # symmetric borders
