@@ -464,7 +464,8 @@ def _split_config_args(argv: Sequence[str], default_cfg: str) -> tuple[list[str]
             if "=" not in a:
                 nxt = next(it, None)
                 if nxt is None:
-                    raise SystemExit(f"error: {a} needs a value")
+                    from evafusion_jax.cli import UsageError
+                    raise UsageError(f"{a} needs a value")
                 a = f"{a}={nxt}"
             if a.startswith("--config="):
                 cfg_file = a

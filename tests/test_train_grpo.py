@@ -138,3 +138,34 @@ def test_two_process_run_finishes_and_process_zero_exports(data, tmp_path):
     assert [r["step"] for r in tu.read_jsonl(work / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert sorted(p.name for p in (work / "checkpoints" / "checkpoints").iterdir()
                   if p.name.isdigit()) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_huge_learning_rate_stops_with_code_3_and_a_lower_one_proceeds(data, tmp_path, capsys):
+    """lr=1e30 saves finite but useless weights at step 1 and gives NaN at step 2: that
+    checkpoint is deleted, so the advice (lower the learning rate, rerun) works; the
+    rerun's metrics.jsonl holds each step once. A region cache of other images is a clean
+    input error (code 2) before any work."""
+    from evafusion_jax import precompute_regions
+    w = tmp_path / "w"
+    assert train_grpo.main(["prog"] + _args(data, w, "--config.learning_rate=1e30",
+                                            "--config.checkpoint_every_steps=1")) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "checkpoint 1, whose parameters gave this loss, was deleted" in err
+    assert tu.TrainCheckpointer(w / "checkpoints").latest_step() is None
+    assert train_grpo.main(["prog"] + _args(data, w, "--config.max_steps=2")) == 0
+    assert [r["step"] for r in tu.read_jsonl(w / "logs" / "metrics.jsonl")] == [1, 2]
+    params, _ = checkpoints.load_params(w / "dcevo_final", "dcevo")
+    assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in _flat(params).values())
+
+    other = synthetic.write_pairs_folder(tmp_path / "other", 2, 24, 24, 5)
+    for f in sorted((other / "ir").iterdir()):
+        for role in ("ir", "vi"):
+            (other / role / f.name).rename(other / role / ("x" + f.name))
+    precompute_regions.precompute_regions(other, tmp_path / "cache", source="grid", num_regions=4,
+                                          progress=False)
+    assert train_grpo.main(["prog"] + _args(data, tmp_path / "w2", "--config.data.region_source=sam",
+                                            f"--config.data.cache_dir={tmp_path / 'cache'}")) == 2
+    err = capsys.readouterr().err
+    assert "has no masks for 4 of 4 images" in err and "Traceback" not in err
+    assert not (tmp_path / "w2").exists()
