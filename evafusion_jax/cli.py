@@ -167,12 +167,26 @@ def run(body: Callable[[], int | None], *, prog: str, oom_hint: str = "") -> int
         code, message = classify(e, oom_hint)
         if code == EXIT_UNEXPECTED:
             traceback.print_exc()
-            log.error("%s: %s (exit code 1: this is a bug, please report it)", prog, message)
-        else:
-            sys.stderr.write(f"{prog}: error: {message}\n" if code not in (
-                EXIT_INTERRUPTED, EXIT_TERMINATED) else f"{prog}: {message}\n")
-            sys.stderr.flush()
+            message += " (exit code 1: this is a bug, please report it)"
+        _report(log, code, prog, message)
         return code
+
+
+def _logs_to_terminal() -> bool:
+    """Whether the root logger already prints to this process's stderr/stdout."""
+    streams = {id(sys.stderr), id(sys.__stderr__), id(sys.stdout), id(sys.__stdout__)}
+    return any(isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in streams
+               for h in logging.getLogger().handlers)
+
+
+def _report(log: logging.Logger, code: int, prog: str, message: str) -> None:
+    """One line through logging (the CLI's format) or, if logging does not reach the
+    terminal, straight to stderr; an interruption is a warning, anything else an error."""
+    interrupted = code in (EXIT_INTERRUPTED, EXIT_TERMINATED)
+    log.log(logging.WARNING if interrupted else logging.ERROR, "%s", message)
+    if not _logs_to_terminal():
+        sys.stderr.write(f"{prog}: {message}\n" if interrupted else f"{prog}: error: {message}\n")
+        sys.stderr.flush()
 
 
 def suggest(word: str, candidates: Sequence[str], prefix: str = "") -> str:

@@ -15,6 +15,18 @@ from evafusion_jax import train_utils as tu
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """train_grpo.main calls logging.basicConfig(force=True), which would leave a handler on
+    this test's (then closed) captured stderr for the following tests."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 class XlaRuntimeError(RuntimeError):  # stands in for jaxlib's class (matched by name)
     pass
 

@@ -18,6 +18,16 @@ HOLD = ("import sys, time; from evafusion_jax import locks; "
         "time.sleep(600)")
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    import logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def test_busy_workdir_refuses_and_a_killed_holder_does_not_block(tmp_path, capsys):
     work = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -142,6 +142,16 @@ def test_two_process_run_finishes_and_process_zero_exports(data, tmp_path):
 
 @pytest.mark.slow
 def test_huge_learning_rate_stops_with_code_3_and_a_lower_one_proceeds(data, tmp_path, capsys):
+    import logging
+    root = logging.getLogger()
+    handlers = list(root.handlers)  # main() calls basicConfig(force=True): restored below
+    try:
+        _huge_learning_rate(data, tmp_path, capsys)
+    finally:
+        root.handlers[:] = handlers
+
+
+def _huge_learning_rate(data, tmp_path, capsys):
     """lr=1e30 saves finite but useless weights at step 1 and gives NaN at step 2: that
     checkpoint is deleted, so the advice (lower the learning rate, rerun) works; the
     rerun's metrics.jsonl holds each step once. A region cache of other images is a clean
