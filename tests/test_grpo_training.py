@@ -78,7 +78,7 @@ def _run(objective, steps, lag=None, **hp_kw):
     tx, sched = gt.make_optimizer(2e-3, steps, weight_decay=0.01)
     mesh = parallel.data_mesh()
     step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
-    state = gt.create_train_state(params, tx)
+    state = gt.create_train_state(params, tx, objective=objective)
     if lag is not None:
         state["old_params"] = jax.tree_util.tree_map(lambda x: x * lag, params)
     state = parallel.replicate(state, mesh)
