@@ -4,8 +4,8 @@ Two presets (``--config configs/experiments.py:cpu`` is the default, ``:full`` t
 
 * ``cpu``: the demo's small models (a small reward model trained on the SYNTHETIC feedback set,
   a small DCEvo warmed up with the fusion losses), fine-tuned on real pairs from
-  ``../shared/data/TNO`` (the last 5 held out) and evaluated on those and on 3 M3FD pairs;
-  superpixel regions (no SAM weights here); 3 seeds; about 30 minutes on 2 CPU cores.
+  ``../shared/data/TNO`` (the last 5 held out) and evaluated on those and on 2 M3FD pairs;
+  superpixel regions of the visible images (no SAM weights here); 3 seeds; about 30 minutes on 2 CPU cores.
 * ``full``: converted released checkpoints (``init.dcevo_checkpoint``, ``init.reward_checkpoint``,
   ViT-L/16-384 reward model, full DCEvo), SAM regions (``regions.sam_checkpoint``), the paper's
   GRPO settings (configs/grpo.py defaults) on a GPU; set the data paths on the command line.
@@ -50,12 +50,13 @@ def get_config(preset: str = "cpu"):
     # `train_name`) and further held-out folders (NAME=DIR,NAME=DIR; at most eval_max_pairs each).
     c.data = ml_collections.ConfigDict(dict(
         train_dir="../shared/data/TNO", train_name="TNO", heldout=5, max_train_pairs=20,
-        eval_dirs="M3FD=../shared/data/M3FD", eval_max_pairs=3))
+        eval_dirs="M3FD=../shared/data/M3FD", eval_max_pairs=2))
 
     # Region cache of the fine-tuning pairs on the initial DCEvo's fused images (precompute_regions).
     c.regions = ml_collections.ConfigDict(dict(
         source="superpixels", sam_checkpoint="", sam_model_type="vit_h", points_per_side=32,
-        superpixels_per_region=3))
+        superpixels_per_region=3,
+        image="vi"))               # vi | ir | fused (the initial DCEvo's output; the full preset)
 
     # Evaluation of each (variant, seed) on the held-out folders (evaluate.py / metrics.py names).
     c.eval = ml_collections.ConfigDict(dict(
@@ -95,6 +96,7 @@ def get_config(preset: str = "cpu"):
         c.data.eval_dirs = ""      # e.g. TNO=/data/TNO,RoadScene=/data/RoadScene,M3FD=/data/M3FD
         c.data.eval_max_pairs = 0
         c.regions.source = "sam"
+        c.regions.image = "fused"
         c.eval.bucket = 32
         c.eval.workers = 0         # all cores
     return c

@@ -38,7 +38,7 @@ Layout of ``out_dir`` (every stage is a finished unit on disk; rerunning the sam
   resumes from its last checkpoint), ``fused/<set>/`` and ``result.json`` (written last,
   atomically: a unit with it is done and skipped);
 * ``ablation.md``, ``ablation.csv``, ``ablation.json``, ``ablation.png``: the tables (mean +- std
-  over seeds, sample std) and a bar chart, rewritten from the finished units at the end.
+  over seeds, sample std) and a bar chart, rewritten from the finished units after every unit.
 
 Metrics are those of :mod:`evafusion_jax.evaluate` (``eval.metrics``; PSNR is ``PSNR_unit``, the
 ~60 dB convention of the EVAFusion tables) plus the reward model's five scores (``R_*``).
@@ -238,7 +238,7 @@ def prepare_init(cfg, out: Path) -> dict:
     else:
         kw = {}
     precompute_regions.precompute_regions(
-        data["train"], work / "regions", source=r.source, image="fused", num_regions=k,
+        data["train"], work / "regions", source=r.source, image=r.image, num_regions=k,
         dcevo_params=params, dcevo_config=dcevo.DCEvoConfig.from_dict(cdict), seed=int(cfg.init.seed),
         progress=bool(cfg.progress), **kw)
 
@@ -520,8 +520,8 @@ def run(cfg) -> dict:
         for v, s in units:
             bar.set_postfix(variant=v, seed="-" if s is None else s)
             results.append(run_unit(cfg, init, v, s, out))
+            doc = write_tables(cfg, out, results, init)  # partial tables after every unit
             bar.update(1)
-    doc = write_tables(cfg, out, results, init)
     log.info("tables: %s", out / "ablation.md")
     return doc
 
