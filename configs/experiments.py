@@ -37,6 +37,7 @@ def get_config(preset: str = "cpu"):
     c.variants = "baseline,full,wo_score,wo_heatmap,wo_sam,dpo,ppo"
     c.seeds = "0,1,2"
     c.progress = True
+    c.tables_only = False          # True: only rewrite the tables from the units finished so far
 
     # The initial DCEvo and reward model, shared by every variant and seed. Empty checkpoints
     # are made as the demo makes them (evafusion_jax.demo stages): a reward model trained on a

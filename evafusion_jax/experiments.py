@@ -38,7 +38,8 @@ Layout of ``out_dir`` (every stage is a finished unit on disk; rerunning the sam
   resumes from its last checkpoint), ``fused/<set>/`` and ``result.json`` (written last,
   atomically: a unit with it is done and skipped);
 * ``ablation.md``, ``ablation.csv``, ``ablation.json``, ``ablation.png``: the tables (mean +- std
-  over seeds, sample std) and a bar chart, rewritten from the finished units after every unit.
+  over seeds, sample std) and a bar chart, rewritten from the finished units after every unit
+  (``--config.tables_only=True`` only rewrites them from the units finished so far).
 
 Metrics are those of :mod:`evafusion_jax.evaluate` (``eval.metrics``; PSNR is ``PSNR_unit``, the
 ~60 dB convention of the EVAFusion tables) plus the reward model's five scores (``R_*``).
@@ -83,7 +84,7 @@ TABLES = (
                                              ("PPO", "ppo"), ("GRPO (ours)", "full")]),
 )
 #: config fields that may change between runs of one study
-FREE_FIELDS = ("variants", "seeds", "progress", "out_dir")
+FREE_FIELDS = ("variants", "seeds", "progress", "out_dir", "tables_only")
 
 
 class ExperimentError(ValueError):
@@ -358,14 +359,18 @@ def aggregate(results: Sequence[dict]) -> dict:
                 out[variant][set_name][c] = {
                     "mean": float(v.mean()) if v.size else float("nan"),
                     "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-                    "n_seeds": int(v.size), "values": [float(x) for x in v]}
+                    "n_seeds": int(v.size), "values": [float(x) for x in v],
+                    "seeded": rs[0]["seed"] is not None}
     return out
 
 
-def _cell(stat: dict | None, digits: int) -> str:
+def _cell(stat: dict | None, digits: int, n_seeds: int | None = None) -> str:
+    """``mean ± std``; ``(n=k)`` when fewer seeds than the study's finished (an unfinished study)."""
     if not stat or not math.isfinite(stat["mean"]):
         return "-"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    few = f" (n={stat['n_seeds']})" if n_seeds and 1 < n_seeds and stat["n_seeds"] < n_seeds and \
+        stat.get("seeded", True) else ""
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}{few}"
 
 
 def _digits(metric: str) -> int:
@@ -379,9 +384,9 @@ def _md_table(header, rows) -> str:
 
 
 def format_tables(agg: dict, sets: Sequence[str], table_metrics: Sequence[str],
-                  all_metrics: Sequence[str]) -> tuple[str, list[list]]:
+                  all_metrics: Sequence[str], n_seeds: int | None = None) -> tuple[str, list[list]]:
     """The two tables in the paper's layout (cells ``CC / PSNR``), the full metric tables,
-    and the long-format CSV rows."""
+    and the long-format CSV rows. ``n_seeds``: cells over fewer seeds are marked ``(n=k)``."""
     from evafusion_jax import metrics as metrics_lib
     md = []
     csv_rows = []
@@ -392,8 +397,8 @@ def format_tables(agg: dict, sets: Sequence[str], table_metrics: Sequence[str],
         md.append(f"### {title} ({' / '.join(table_metrics)}, mean ± std over seeds)\n\n")
         body = []
         for label, v in present:
-            cells = [" / ".join(_cell(agg[v].get(s, {}).get(m), _digits(m)) for m in table_metrics)
-                     for s in sets]
+            cells = [" / ".join(_cell(agg[v].get(s, {}).get(m), _digits(m), n_seeds)
+                                for m in table_metrics) for s in sets]
             body.append([label] + cells)
             for s in sets:
                 for m in all_metrics:
@@ -406,7 +411,7 @@ def format_tables(agg: dict, sets: Sequence[str], table_metrics: Sequence[str],
         md.append(f"**{s}**\n\n")
         head = ["Variant"] + [m + (" ↑" if metrics_lib.HIGHER_IS_BETTER.get(m, True) else " ↓")
                               for m in all_metrics]
-        body = [[v] + [_cell(agg[v].get(s, {}).get(m), _digits(m)) for m in all_metrics]
+        body = [[v] + [_cell(agg[v].get(s, {}).get(m), _digits(m), n_seeds) for m in all_metrics]
                 for v in VARIANTS if v in agg]
         md.append(_md_table(head, body) + "\n")
     return "".join(md), csv_rows
@@ -453,8 +458,8 @@ def write_tables(cfg, out: Path, results: Sequence[dict], init: dict) -> dict:
     for v in agg.values():
         for s in v.values():
             all_metrics += [c for c in s if c not in all_metrics]
-    md_tables, csv_rows = format_tables(agg, sets, table_metrics, all_metrics)
     seeds = sorted({r["seed"] for r in results if r["seed"] is not None})
+    md_tables, csv_rows = format_tables(agg, sets, table_metrics, all_metrics, len(seeds))
     header = (f"# Ablation study ({cfg.preset} preset)\n\n"
               f"Seeds {seeds}; held-out sets: "
               + ", ".join(f"{s} ({len(next(iter(results))['per_image'][s])} pairs)" for s in sets)
@@ -509,12 +514,22 @@ def run(cfg) -> dict:
                 raise ExperimentError(f"variant {v!r} sets train.{k}, which configs/grpo.py "
                                       "does not have") from None
     out = Path(cfg.out_dir).absolute()
+    if cfg.get("tables_only", False) and not (out / "init" / "init.json").exists():
+        raise ExperimentError(f"{out} has no finished initial stage: nothing to tabulate")
     _check_study(cfg, out)
     _use_compilation_cache(out / "jax_cache")
     log.info("study %s: variants %s, seeds %s", out, variants, seeds)
-    init = prepare_init(cfg, out)
     units = [(v, None) for v in variants if VARIANTS[v] is None]
     units += [(v, s) for s in seeds for v in variants if VARIANTS[v] is not None]
+    if cfg.get("tables_only", False):  # the tables of the units finished so far; no work
+        init = json.loads((out / "init" / "init.json").read_text())
+        done = [unit_dir(out, v, s) / "result.json" for v, s in units]
+        results = [json.loads(p.read_text()) for p in done if p.exists()]
+        if not results:
+            raise ExperimentError(f"{out} has no finished (variant, seed) unit yet")
+        log.info("tables of %d of %d units", len(results), len(units))
+        return write_tables(cfg, out, results, init)
+    init = prepare_init(cfg, out)
     results = []
     with tqdm(total=len(units), desc="study", unit="unit", disable=not cfg.progress) as bar:
         for v, s in units:

@@ -73,6 +73,10 @@ def test_smoke_study_writes_tables_and_resumes(assets, tmp_path):
     doc2 = experiments.run(_config(assets, out))
     assert result.stat().st_mtime_ns == stamp
     assert doc2["variants"] == json.loads(json.dumps(doc["variants"]))
+    # only the tables, from the finished units of the variants asked for
+    doc3 = experiments.run(_config(assets, out, "--config.tables_only=True",
+                                   "--config.variants=baseline"))
+    assert set(doc3["variants"]) == {"baseline"} and result.stat().st_mtime_ns == stamp
     # the same folder with another training config is refused
     with pytest.raises(experiments.ExperimentError, match="train.*max_steps"):
         experiments.run(_config(assets, out, "--config.train.max_steps=3"))
