@@ -1,6 +1,6 @@
 """Training state and jitted, data-parallel update steps for fine-tuning DCEvo.
 
-Three objectives (``TrainHParams.objective``):
+Five objectives (``TrainHParams.objective``):
 
 * ``"grpo"``: region-level GRPO (EVAFusion). The policy DCEvo (params theta) fuses
   F for a pair; regions M_k come from SAM (or a fallback); rewards carry no
