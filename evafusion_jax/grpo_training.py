@@ -406,8 +406,8 @@ def _sampled_objective_loss(params, fused, feats, state, reward_params, batch, h
                              "create it with create_train_state(..., objective='ppo')")
         s = rewards[..., 0]  # (B, G) whole-image rewards
         batch_mean = _psum(jnp.sum(s), axis_name) / n_entries
-        batch_var = jnp.maximum(_psum(jnp.sum(s * s), axis_name) / n_entries - batch_mean ** 2,
-                                0.0)
+        # two passes (not E[s^2] - E[s]^2, which cancels catastrophically in float32)
+        batch_var = _psum(jnp.sum((s - batch_mean) ** 2), axis_name) / n_entries
         adv = grpo.running_baseline_advantages(s, state["baseline"], batch_mean, batch_var,
                                                hp.adv_eps)
         ratios = grpo.gaussian_region_ratios(fused, fused_old, actions, masks, sigma)[..., 0]
