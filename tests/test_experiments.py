@@ -52,6 +52,7 @@ def test_unknown_variant_is_a_clear_error_before_any_work(assets, tmp_path):
         experiments.parse_seeds("0,0")
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_tables_and_resumes(assets, tmp_path):
     out = tmp_path / "study"
     doc = experiments.run(_config(assets, out))
