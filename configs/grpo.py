@@ -20,7 +20,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.workdir = "runs/grpo"         # checkpoints/, logs/, dcevo_final/ (Orbax), dcevo_final.pth
     c.seed = 0                      # DCEvo init when dcevo_checkpoint is empty
-    c.objective = "grpo"            # grpo | direct | fusion
+    c.objective = "grpo"            # grpo | direct | fusion | dpo | ppo (policy-optimisation ablations)
 
     # Policy: DCEvo checkpoint (kind "dcevo", e.g. converted DCEvo_fusion.pth); "" = random init
     # with the architecture below (dcevo fields are ignored when a checkpoint is given).
@@ -57,6 +57,9 @@ def get_config():
     c.adv_eps = 1e-6
     c.old_policy_interval = 1       # refresh theta_old every N steps (it lags by >= 1 update)
     c.whole_image_region = False    # add the whole image as one more region
+    # DPO / PPO (objective=dpo|ppo): the same Gaussian policy and sampled group as GRPO.
+    c.dpo_preference = "region"     # region: best vs worst sample per region | image: per whole image
+    c.ppo_baseline_momentum = 0.9   # PPO baseline: EMA of the batch reward mean/variance (in the state)
     c.grpo_fusion_weight = 0.0      # optional auxiliary losses in GRPO
     c.grpo_decomp_weight = 0.0
     c.grpo_pseudo_weight = 0.0

@@ -24,6 +24,10 @@ padding slot; such slots never contribute to any statistic).
 * :func:`clipped_surrogate` the PPO/GRPO clipped objective over valid regions.
 * :func:`gaussian_kl` KL of two fixed-variance Gaussians centred on the fused
   images: mean((F - F_ref)^2) / (2 sigma^2).
+* :func:`gaussian_region_logp`, :func:`preference_pairs`, :func:`dpo_loss_terms`: DPO on
+  the Gaussian policy (best vs worst sampled fusion of each pair or region).
+* :func:`running_baseline_advantages`, :func:`update_running_baseline`: PPO's
+  advantages against a running mean of the reward (no group).
 
 The surrogate is returned as a (sum, count) pair where it matters, so that a
 data-parallel step can divide by the *global* number of valid regions and match
@@ -346,3 +350,113 @@ def advantage_stats(advantages: jax.Array, valid: jax.Array) -> dict:
             "adv_min": jnp.min(jnp.where(valid, advantages, big)),
             "adv_max": jnp.max(jnp.where(valid, advantages, -big)),
             "regions_per_image": jnp.mean(jnp.sum(v, axis=-1))}
+
+
+# ----------------------------------------------------------------------------- DPO
+
+PREFERENCE_UNITS = ("region", "image")
+
+
+def gaussian_region_logp(fused: jax.Array, actions: jax.Array, masks: jax.Array,
+                         sigma: float) -> jax.Array:
+    """Log-likelihood of sampled actions under N(F, sigma^2), per-pixel averaged over each region.
+
+    log pi(a_g | M_k) = -mean over M_k of (a_g - F)^2 / (2 sigma^2) (the normalising constant,
+    the same for every policy of this family, is left out: it cancels in every ratio). The
+    average over the region's pixels matches :func:`gaussian_region_ratios`
+    (``log r = logp(theta) - logp(theta_old)``).
+
+    Args:
+      fused: (B, H, W, C) mean of the policy (differentiable).
+      actions: (B, G, H, W, C) sampled fused images (constants).
+      masks: (B, K, H, W).
+      sigma: the policy's standard deviation.
+
+    Returns:
+      (B, G, K).
+    """
+    actions = jax.lax.stop_gradient(actions).astype(jnp.float32)
+    d = jnp.sum((actions - fused.astype(jnp.float32)[:, None]) ** 2, axis=-1)  # (B, G, H, W)
+    m = masks.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m, axis=(-2, -1)), 1.0)[:, None, :]
+    return -jnp.einsum("bghw,bkhw->bgk", d, m) / n / (2.0 * sigma * sigma)
+
+
+def preference_pairs(rewards: jax.Array, valid: jax.Array, min_gap: float = 1e-6):
+    """The preferred (highest-reward) and rejected (lowest-reward) sample of each group.
+
+    Args:
+      rewards: (B, G, K) reward of sample g in unit k (a region, or K = 1 for the image).
+      valid: (B, K) bool.
+      min_gap: a unit whose best and worst rewards differ by <= this has no preference.
+
+    Returns:
+      (winner (B, K) int32, loser (B, K) int32, has_pair (B, K) bool). Ties go to the
+      lowest sample index (``argmax``/``argmin``); ``has_pair`` is False at invalid units,
+      for G < 2 and for units without a reward gap. Constants (no gradient).
+    """
+    rewards = jax.lax.stop_gradient(jnp.asarray(rewards, jnp.float32))
+    win = jnp.argmax(rewards, axis=1).astype(jnp.int32)
+    lose = jnp.argmin(rewards, axis=1).astype(jnp.int32)
+    gap = jnp.max(rewards, axis=1) - jnp.min(rewards, axis=1)
+    ok = jnp.asarray(valid, bool) & (gap > min_gap) & (rewards.shape[1] >= 2)
+    return win, lose, ok
+
+
+def dpo_loss_terms(logp: jax.Array, logp_ref: jax.Array, winner: jax.Array, loser: jax.Array,
+                   has_pair: jax.Array, beta: float):
+    """DPO: -log sigmoid(beta [(lp(w) - lp_ref(w)) - (lp(l) - lp_ref(l))]) per preference pair.
+
+    Args:
+      logp: (B, G, K) log-likelihoods of the samples under the policy being trained.
+      logp_ref: (B, G, K) the same under the frozen reference (constants).
+      winner, loser, has_pair: from :func:`preference_pairs`.
+      beta: DPO's temperature (the strength of the implicit KL to the reference).
+
+    Returns:
+      (loss (B, K), margin (B, K), accuracy (B, K)), zero where ``has_pair`` is False.
+      ``margin`` is the beta-scaled implicit reward margin h, ``accuracy`` 1 where h > 0.
+    """
+    take = lambda x, i: jnp.take_along_axis(x, i[:, None, :], axis=1)[:, 0]  # noqa: E731
+    log_ratio = logp - jax.lax.stop_gradient(logp_ref)
+    h = beta * (take(log_ratio, winner) - take(log_ratio, loser))
+    loss = jax.nn.softplus(-h)  # = -log sigmoid(h)
+    return (jnp.where(has_pair, loss, 0.0), jnp.where(has_pair, h, 0.0),
+            jnp.where(has_pair, (h > 0).astype(jnp.float32), 0.0))
+
+
+# ----------------------------------------------------------------------------- PPO
+
+def init_running_baseline() -> dict:
+    """PPO's reward baseline (kept in the train state): running mean and variance, and a count."""
+    return {"mean": jnp.zeros((), jnp.float32), "var": jnp.ones((), jnp.float32),
+            "count": jnp.zeros((), jnp.int32)}
+
+
+def running_baseline_advantages(rewards: jax.Array, baseline: Mapping, batch_mean: jax.Array,
+                                batch_var: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """A = (s - b) / (sqrt(v) + eps) with the running mean b and variance v of earlier batches.
+
+    At the first step (``count == 0``) there is no history: b and v are this batch's mean and
+    variance (``batch_mean``, ``batch_var``: over the GLOBAL batch). The baseline is never the
+    pair's own group of samples. Constants (stop_gradient).
+    """
+    first = baseline["count"] == 0
+    b = jnp.where(first, batch_mean, baseline["mean"])
+    v = jnp.where(first, batch_var, baseline["var"])
+    adv = (jnp.asarray(rewards, jnp.float32) - b) / (jnp.sqrt(jnp.maximum(v, 0.0)) + eps)
+    return jax.lax.stop_gradient(adv)
+
+
+def update_running_baseline(baseline: Mapping, batch_mean: jax.Array, batch_var: jax.Array,
+                            momentum: float) -> dict:
+    """Exponential moving averages of the batch reward mean and variance.
+
+    The first update takes the batch's values; later ones
+    ``m <- momentum m + (1 - momentum) batch_mean`` (the same for the variance).
+    """
+    first = baseline["count"] == 0
+    mix = lambda old, new: jnp.where(first, new, momentum * old + (1.0 - momentum) * new)  # noqa
+    return {"mean": mix(baseline["mean"], batch_mean).astype(jnp.float32),
+            "var": mix(baseline["var"], batch_var).astype(jnp.float32),
+            "count": baseline["count"] + 1}

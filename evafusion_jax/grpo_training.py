@@ -1,6 +1,6 @@
 """Training state and jitted, data-parallel update steps for fine-tuning DCEvo.
 
-Three objectives (``TrainHParams.objective``):
+Five objectives (``TrainHParams.objective``):
 
 * ``"grpo"``: region-level GRPO (EVAFusion). The policy DCEvo (params theta) fuses
   F for a pair; regions M_k come from SAM (or a fallback); rewards carry no
@@ -32,6 +32,22 @@ Three objectives (``TrainHParams.objective``):
   with the released weights (0.5, 1, 2, 100).
 * ``"fusion"``: only the unsupervised fusion + decomposition losses (no reward
   model): trains DCEvo from scratch or warms it up.
+* ``"dpo"``: DPO on the Gaussian policy (the paper's policy-optimisation ablation).
+  The same group of G sampled fusions a_g ~ N(F_old, sigma^2) as ``grpo``; in each
+  preference unit (``dpo_preference``: every valid region, s_{g,k} = R(a_g * M_k, i, v),
+  or the whole image, s_g = R(a_g, i, v)) the highest-reward sample is preferred to the
+  lowest-reward one (units whose rewards do not differ are skipped), and the loss is
+  -log sigmoid(beta [(log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l))]) with
+  log pi(a) = -mean_{unit} (a - F_theta)^2 / (2 sigma^2) and pi_ref the frozen initial
+  network; ``beta`` is the config's KL weight (DPO's implicit KL strength; no explicit KL
+  term is added). Rewards carry no gradient.
+* ``"ppo"``: PPO without GRPO's group-relative advantages: whole-image rewards
+  s_g = R(a_g, i, v) of the G sampled fusions, advantages against a running baseline
+  A = (s - b) / sqrt(v), b and v exponential moving averages (``ppo_baseline_momentum``)
+  of the global batch's reward mean and variance over earlier steps (the first step
+  uses its own batch). The baseline lives in the train state (``state["baseline"]``),
+  so a resumed run continues with the same baseline. Whole-image likelihood ratios,
+  the clipped objective and the KL term as in ``grpo``.
 
 theta_old: after the update of step s, when (s + 1) % old_policy_interval == 0,
 theta_old becomes the parameters from *before* that update, so it lags the current
@@ -56,7 +72,8 @@ order). The decomposition loss (a ratio of batch means) is computed per shard, a
 for the ``direct``/``fusion`` objectives on several devices.
 
 The train state is a plain dict pytree (Orbax-friendly):
-``{"params", "opt_state", "old_params", "ref_params", "step"}``.
+``{"params", "opt_state", "old_params", "ref_params", "step"}`` (plus ``"baseline"`` for
+``"ppo"``, see :func:`create_train_state`).
 """
 
 from __future__ import annotations
@@ -69,8 +86,13 @@ import jax.numpy as jnp
 import optax
 
 from evafusion_jax import dcevo, fusion_losses, grpo, parallel
+from evafusion_jax.grpo import PREFERENCE_UNITS
 
-OBJECTIVES = ("grpo", "direct", "fusion")
+OBJECTIVES = ("grpo", "direct", "fusion", "dpo", "ppo")
+#: objectives that sample a group of fusions from the Gaussian policy and score them
+SAMPLED_OBJECTIVES = ("dpo", "ppo")
+#: objectives that need a reward function
+REWARD_OBJECTIVES = ("grpo", "direct", "dpo", "ppo")
 AXIS = parallel.DATA_AXIS
 
 
@@ -94,6 +116,9 @@ class TrainHParams:
     adv_eps: float = 1e-6
     old_policy_interval: int = 1
     whole_image_region: bool = False
+    # DPO / PPO (policy-optimisation ablations; the Gaussian policy and group as above)
+    dpo_preference: str = "region"    # region | image: the unit of a preference pair
+    ppo_baseline_momentum: float = 0.9  # EMA of the reward mean / variance (PPO's baseline)
     # auxiliary losses in GRPO (0 = off)
     grpo_fusion_weight: float = 0.0
     grpo_decomp_weight: float = 0.0
@@ -111,7 +136,8 @@ class TrainHParams:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.ratio not in ("l1", "gaussian"):
             raise ValueError(f"ratio must be 'l1' or 'gaussian', got {self.ratio!r}")
-        if self.ratio == "gaussian":
+        sampled = self.objective in SAMPLED_OBJECTIVES
+        if self.ratio == "gaussian" or sampled:
             if not self.exploration_std > 0:
                 raise ValueError(f"exploration_std must be > 0, got {self.exploration_std}")
             if self.group_size < 1:
@@ -122,9 +148,19 @@ class TrainHParams:
             if self.advantage_group not in grpo.ADVANTAGE_GROUPS:
                 raise ValueError(f"advantage_group must be one of {grpo.ADVANTAGE_GROUPS}, "
                                  f"got {self.advantage_group!r}")
-            if self.advantage_group == "samples" and self.group_size < 2:
+            if (self.objective == "grpo" and self.advantage_group == "samples"
+                    and self.group_size < 2):
                 raise ValueError("advantage_group='samples' compares the samples of a pair and "
                                  "needs group_size >= 2")
+        if self.objective == "dpo" and self.group_size < 2:
+            raise ValueError(f"objective 'dpo' compares the best and the worst of a pair's "
+                             f"sampled fusions and needs group_size >= 2, got {self.group_size}")
+        if self.dpo_preference not in PREFERENCE_UNITS:
+            raise ValueError(f"dpo_preference must be one of {PREFERENCE_UNITS}, "
+                             f"got {self.dpo_preference!r}")
+        if not 0.0 <= self.ppo_baseline_momentum < 1.0:
+            raise ValueError(f"ppo_baseline_momentum must be in [0, 1), "
+                             f"got {self.ppo_baseline_momentum}")
         if self.old_policy_interval < 1:
             raise ValueError(f"old_policy_interval must be >= 1, got {self.old_policy_interval}")
         if not self.kl_sigma > 0:
@@ -162,13 +198,20 @@ def make_optimizer(learning_rate: float = 1e-4, total_steps: int = 1000,
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,
-                       ref_params: Any = None) -> dict:
-    """The initial train state: theta_old and theta_ref are copies of ``params`` (or ``ref_params``)."""
+                       ref_params: Any = None, objective: str | None = None) -> dict:
+    """The initial train state: theta_old and theta_ref are copies of ``params`` (or ``ref_params``).
+
+    ``objective="ppo"`` adds PPO's running reward baseline (``"baseline"``,
+    :func:`grpo.init_running_baseline`); other objectives have no extra state.
+    """
     copy = lambda t: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731
     params = copy(params)
-    return {"params": params, "opt_state": tx.init(params), "old_params": copy(params),
-            "ref_params": copy(params if ref_params is None else ref_params),
-            "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": tx.init(params), "old_params": copy(params),
+             "ref_params": copy(params if ref_params is None else ref_params),
+             "step": jnp.zeros((), jnp.int32)}
+    if objective == "ppo":
+        state["baseline"] = grpo.init_running_baseline()
+    return state
 
 
 def with_whole_image(masks: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -292,6 +335,9 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
                                         "mean")
         aux = _aux_losses(feats, ir, vi, hp, hp.grpo_fusion_weight, hp.grpo_decomp_weight,
                           hp.grpo_pseudo_weight)
+    elif hp.objective in SAMPLED_OBJECTIVES:
+        loss, aux = _sampled_objective_loss(params, fused, feats, state, reward_params, batch,
+                                            hp, model_config, reward_fn, axis_name, metrics)
     elif hp.objective == "direct":
         reward, terms = reward_fn.image(reward_params, fused, ir, vi)
         reward_mean = jnp.mean(reward)
@@ -309,6 +355,80 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
         metrics[name] = (value, "mean")
     metrics["fused_mean"] = (jnp.mean(fused), "mean")
     return loss, metrics
+
+
+def _sampled_objective_loss(params, fused, feats, state, reward_params, batch, hp, model_config,
+                            reward_fn, axis_name, metrics):
+    """The ``dpo`` / ``ppo`` loss of this shard (see the module docstring); fills ``metrics``."""
+    ir, vi = batch["ir"], batch["vi"]
+    n_shards = _num_shards(axis_name)
+    sigma = hp.exploration_std
+    fused_old = _frozen_forward(params, fused, state["old_params"], ir, vi, model_config)
+    fused_ref = _frozen_forward(params, fused, state["ref_params"], ir, vi, model_config)
+    b = fused.shape[0]
+    noise = _sample_noise(state["step"], hp.noise_seed, (b, hp.group_size) + fused.shape[1:],
+                          axis_name)
+    actions = grpo.sample_actions(fused_old, noise, sigma, hp.antithetic)  # (B, G, H, W, C)
+    if hp.objective == "dpo" and hp.dpo_preference == "region":
+        masks, valid = batch["masks"].astype(jnp.float32), batch["valid"].astype(bool)
+        if hp.whole_image_region:
+            masks, valid = with_whole_image(masks, valid)
+    else:  # whole-image units: one all-ones "region"
+        masks = jnp.ones((b, 1) + fused.shape[1:3], jnp.float32)
+        valid = jnp.ones((b, 1), bool)
+    rewards, terms = reward_fn.sample_regions(reward_params, actions, ir, vi, masks)  # (B, G, K)
+    entries = jnp.broadcast_to(valid[:, None, :], rewards.shape)
+    n_entries = jnp.maximum(_psum(jnp.sum(entries.astype(jnp.float32)), axis_name), 1.0)
+    gsum = lambda x: jnp.sum(jnp.where(entries, x, 0.0)) / n_entries  # noqa: E731
+    kl = grpo.gaussian_kl(fused, fused_ref, hp.kl_sigma)
+    metrics["reward"] = (gsum(rewards), "sum")
+    for name, t in terms.items():
+        metrics[f"reward/{name}"] = (gsum(t), "sum")
+    metrics["kl"] = (kl, "mean")
+    if hp.objective == "dpo":
+        logp = grpo.gaussian_region_logp(fused, actions, masks, sigma)
+        logp_ref = grpo.gaussian_region_logp(fused_ref, actions, masks, sigma)
+        win, lose, has_pair = grpo.preference_pairs(rewards, valid)
+        per_pair, margin, acc = grpo.dpo_loss_terms(logp, logp_ref, win, lose, has_pair, hp.beta)
+        n_pairs = jnp.maximum(_psum(jnp.sum(has_pair.astype(jnp.float32)), axis_name), 1.0)
+        loss = jnp.sum(per_pair) / n_pairs
+        n_units = jnp.maximum(_psum(jnp.sum(valid.astype(jnp.float32)), axis_name), 1.0)
+        r = jax.lax.stop_gradient(rewards)
+        gap = jnp.where(has_pair, jnp.max(r, axis=1) - jnp.min(r, axis=1), 0.0)
+        metrics["dpo_loss"] = (loss, "sum")
+        metrics["dpo_margin"] = (jnp.sum(margin) / n_pairs, "sum")
+        metrics["dpo_accuracy"] = (jnp.sum(acc) / n_pairs, "sum")
+        metrics["preference_gap"] = (jnp.sum(gap) / n_pairs, "sum")
+        metrics["pairs_fraction"] = (jnp.sum(has_pair.astype(jnp.float32)) / n_units, "sum")
+    else:  # ppo
+        if "baseline" not in state:
+            raise ValueError("objective 'ppo' keeps a running reward baseline in the train state: "
+                             "create it with create_train_state(..., objective='ppo')")
+        s = rewards[..., 0]  # (B, G) whole-image rewards
+        batch_mean = _psum(jnp.sum(s), axis_name) / n_entries
+        # two passes (not E[s^2] - E[s]^2, which cancels catastrophically in float32)
+        batch_var = _psum(jnp.sum((s - batch_mean) ** 2), axis_name) / n_entries
+        adv = grpo.running_baseline_advantages(s, state["baseline"], batch_mean, batch_var,
+                                               hp.adv_eps)
+        ratios = grpo.gaussian_region_ratios(fused, fused_old, actions, masks, sigma)[..., 0]
+        ones = jnp.ones(s.shape, bool)
+        obj, clipped = grpo.clipped_surrogate_terms(ratios, adv, ones, hp.clip_eps)
+        surrogate = jnp.sum(obj) / n_entries
+        loss = -surrogate + hp.beta * kl / n_shards
+        metrics["surrogate"] = (surrogate, "sum")
+        metrics["clip_fraction"] = (jnp.sum(clipped) / n_entries, "sum")
+        metrics["ratio_mean"] = (jnp.sum(ratios) / n_entries, "sum")
+        metrics["ratio_max"] = (jnp.max(ratios), "max")
+        metrics["adv_mean"] = (jnp.sum(adv) / n_entries, "sum")
+        metrics["adv_sq"] = (jnp.sum(adv * adv) / n_entries, "sum")
+        metrics["baseline"] = (jnp.where(state["baseline"]["count"] == 0, batch_mean,
+                                         state["baseline"]["mean"]), "max")
+        # the global batch statistics (identical on every shard) update the running baseline
+        metrics["reward_batch_mean"] = (batch_mean, "max")
+        metrics["reward_batch_var"] = (batch_var, "max")
+    aux = _aux_losses(feats, ir, vi, hp, hp.grpo_fusion_weight, hp.grpo_decomp_weight,
+                      hp.grpo_pseudo_weight)
+    return loss, aux
 
 
 def _reduce_metrics(metrics, axis_name):
@@ -349,6 +469,10 @@ def train_step(state: dict, reward_params: Any, batch: Mapping, *, hp: TrainHPar
         metrics["learning_rate"] = jnp.asarray(schedule(step), jnp.float32)
     new_state = {"params": new_params, "opt_state": opt_state, "old_params": old,
                  "ref_params": state["ref_params"], "step": step + 1}
+    if "baseline" in state:  # ppo: the running reward baseline, from the global batch statistics
+        new_state["baseline"] = grpo.update_running_baseline(
+            state["baseline"], metrics.pop("reward_batch_mean"), metrics.pop("reward_batch_var"),
+            hp.ppo_baseline_momentum)
     return new_state, metrics
 
 
@@ -362,7 +486,7 @@ def make_train_step(hp: TrainHParams, model_config: dcevo.DCEvoConfig,
     the global batch size must be a multiple of the number of devices. ``reward_fn`` is
     needed by "grpo" and "direct" (see :mod:`evafusion_jax.reward_fns`).
     """
-    if hp.objective in ("grpo", "direct") and reward_fn is None:
+    if hp.objective in REWARD_OBJECTIVES and reward_fn is None:
         raise ValueError(f"objective {hp.objective!r} needs a reward function")
     mesh = parallel.data_mesh() if mesh is None else mesh
 

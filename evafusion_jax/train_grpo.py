@@ -3,7 +3,7 @@
     python -m evafusion_jax.train_grpo --config configs/grpo.py \
         --config.data.data_dir=DATA --config.data.cache_dir=REGIONS \
         --config.dcevo_checkpoint=ckpt/dcevo --config.reward_checkpoint=ckpt/reward \
-        --config.workdir=runs/grpo [--config.objective=grpo|direct|fusion]
+        --config.workdir=runs/grpo [--config.objective=grpo|direct|fusion|dpo|ppo]
 
 Writes under ``workdir``: ``checkpoints/`` (Orbax: policy params, optimizer state,
 theta_old, theta_ref, step, data iterator; the run resumes from the latest one when
@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 def _validate(cfg) -> None:
     if cfg.objective not in gt.OBJECTIVES:
         raise ConfigError(f"config field objective={cfg.objective!r}; use one of {gt.OBJECTIVES}")
-    if cfg.objective in ("grpo", "direct") and cfg.reward_kind == "model" and not cfg.reward_checkpoint:
+    if cfg.objective in gt.REWARD_OBJECTIVES and cfg.reward_kind == "model" and not cfg.reward_checkpoint:
         raise ConfigError(f"objective {cfg.objective!r} with reward_kind='model' needs "
                           "--config.reward_checkpoint=<reward checkpoint folder> (convert the released "
                           "model with python -m convert.reward_from_torch, or train one with "
@@ -149,7 +149,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
         total = int(cfg.num_epochs) * spe
     tx, schedule = gt.make_optimizer(cfg.learning_rate, total, cfg.end_learning_rate,
                                      cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip_norm)
-    state = gt.create_train_state(params, tx)
+    state = gt.create_train_state(params, tx, objective=hp.objective)
     loader = grpo_input_pipeline.make_loader_from_config(dcfg)
     data_it = iter(loader)
 

@@ -153,3 +153,109 @@ def test_antithetic_actions_mirror_around_the_old_policy():
     np.testing.assert_allclose(a[:, :2], 0.5 + 0.1 * np.asarray(noise[:, :2]), atol=1e-7)
     with pytest.raises(ValueError, match="even group size"):
         grpo.sample_actions(f_old, noise[:, :3], 0.1, antithetic=True)
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def test_gaussian_region_logp_hand_values_and_consistency_with_ratios():
+    f = jnp.array([[[[0.5], [0.0]]]])                       # (1, 1, 2, 1)
+    actions = jnp.array([[[[[0.6], [0.0]]], [[[0.5], [0.2]]]]])  # (1, G=2, 1, 2, 1)
+    masks = jnp.array([[[[1.0, 0.0]], [[1.0, 1.0]]]])      # (1, K=2, 1, 2)
+    lp = np.asarray(grpo.gaussian_region_logp(f, actions, masks, sigma=0.1))
+    # -mean_{M_k} (a - F)^2 / (2 * 0.01): g0: 0.01 / 0.02, (0.01 + 0) / 2 / 0.02;
+    # g1: 0, (0 + 0.04) / 2 / 0.02
+    np.testing.assert_allclose(lp[0], [[-0.5, -0.25], [0.0, -1.0]], rtol=1e-5)
+    f_old = jnp.array([[[[0.4], [0.1]]]])
+    log_r = np.log(np.asarray(grpo.gaussian_region_ratios(f, f_old, actions, masks, 0.1)))
+    lp_old = np.asarray(grpo.gaussian_region_logp(f_old, actions, masks, sigma=0.1))
+    np.testing.assert_allclose(log_r, lp - lp_old, rtol=1e-4, atol=1e-5)
+
+
+def test_preference_pairs_best_against_worst_and_no_pair_without_a_gap():
+    # rewards (B=2, G=3, K=2)
+    rewards = jnp.array([[[1.0, 5.0], [3.0, 5.0], [2.0, 5.0]],
+                         [[0.0, 1.0], [4.0, 0.0], [2.0, 2.0]]])
+    valid = jnp.array([[True, True], [True, False]])
+    win, lose, ok = (np.asarray(x) for x in grpo.preference_pairs(rewards, valid))
+    assert win[0, 0] == 1 and lose[0, 0] == 0 and ok[0, 0]
+    assert not ok[0, 1]                      # all samples equal: no preference
+    assert win[1, 0] == 1 and lose[1, 0] == 0 and ok[1, 0]
+    assert not ok[1, 1]                      # invalid region
+    _, _, ok1 = grpo.preference_pairs(rewards[:, :1], valid)
+    assert not np.asarray(ok1).any()         # a group of one sample has no pair
+
+
+def test_dpo_loss_hand_values():
+    logp = jnp.array([[[-0.5], [-1.0]]])     # (B=1, G=2, K=1)
+    logp_ref = jnp.array([[[-1.0], [-0.5]]])
+    win, lose = jnp.array([[0]]), jnp.array([[1]])
+    loss, margin, acc = grpo.dpo_loss_terms(logp, logp_ref, win, lose, jnp.array([[True]]),
+                                            beta=2.0)
+    # h = 2 ((-0.5 + 1.0) - (-1.0 + 0.5)) = 2; loss = -log sigmoid(2) = log(1 + e^-2)
+    assert float(margin[0, 0]) == pytest.approx(2.0)
+    assert float(loss[0, 0]) == pytest.approx(np.log1p(np.exp(-2.0)), rel=1e-6)
+    assert float(acc[0, 0]) == 1.0
+    loss, margin, acc = grpo.dpo_loss_terms(logp, logp_ref, win, lose, jnp.array([[False]]), 2.0)
+    assert float(loss[0, 0]) == 0.0 and float(margin[0, 0]) == 0.0 and float(acc[0, 0]) == 0.0
+    # at the reference (logp == logp_ref) the loss is log 2
+    loss, _, _ = grpo.dpo_loss_terms(logp, logp, win, lose, jnp.array([[True]]), 0.1)
+    assert float(loss[0, 0]) == pytest.approx(np.log(2.0), rel=1e-6)
+
+
+def test_dpo_step_raises_the_likelihood_of_the_preferred_sample():
+    rng = np.random.default_rng(0)
+    f_ref = jnp.asarray(rng.random((1, 3, 3, 1)), jnp.float32)
+    actions = f_ref[:, None] + 0.05 * jnp.asarray(rng.standard_normal((1, 4, 3, 3, 1)), jnp.float32)
+    masks = jnp.ones((1, 1, 3, 3))
+    rewards = jnp.array([[[0.2], [0.9], [0.1], [0.5]]])   # preferred: sample 1, rejected: 2
+    win, lose, ok = grpo.preference_pairs(rewards, jnp.ones((1, 1), bool))
+
+    def loss(f):
+        lp = grpo.gaussian_region_logp(f, actions, masks, 0.05)
+        lp_ref = grpo.gaussian_region_logp(f_ref, actions, masks, 0.05)
+        return grpo.dpo_loss_terms(lp, lp_ref, win, lose, ok, 0.1)[0].sum()
+
+    f = f_ref - 1e-3 * jax.grad(loss)(f_ref)
+    lp0 = np.asarray(grpo.gaussian_region_logp(f_ref, actions, masks, 0.05))[0, :, 0]
+    lp1 = np.asarray(grpo.gaussian_region_logp(f, actions, masks, 0.05))[0, :, 0]
+    assert lp1[1] > lp0[1] and lp1[2] < lp0[2]
+    assert float(loss(f)) < float(loss(f_ref))
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def test_running_baseline_hand_values():
+    b = grpo.init_running_baseline()
+    s = jnp.array([[1.0, 3.0]])
+    # first step: no history, the batch's own mean 2 and variance 1
+    a = grpo.running_baseline_advantages(s, b, jnp.float32(2.0), jnp.float32(1.0), eps=0.0)
+    np.testing.assert_allclose(np.asarray(a), [[-1.0, 1.0]], rtol=1e-6)
+    b = grpo.update_running_baseline(b, jnp.float32(2.0), jnp.float32(1.0), momentum=0.9)
+    assert float(b["mean"]) == 2.0 and float(b["var"]) == 1.0 and int(b["count"]) == 1
+    # later steps: the running values, not the batch (batch mean 5 is ignored)
+    a = grpo.running_baseline_advantages(jnp.array([[4.0, 6.0]]), b, jnp.float32(5.0),
+                                         jnp.float32(1.0), eps=0.0)
+    np.testing.assert_allclose(np.asarray(a), [[2.0, 4.0]], rtol=1e-6)
+    b = grpo.update_running_baseline(b, jnp.float32(5.0), jnp.float32(4.0), momentum=0.9)
+    assert float(b["mean"]) == pytest.approx(0.9 * 2 + 0.1 * 5)
+    assert float(b["var"]) == pytest.approx(0.9 * 1 + 0.1 * 4)
+    assert int(b["count"]) == 2
+
+
+def test_ppo_step_raises_the_likelihood_of_positive_advantage_samples():
+    rng = np.random.default_rng(1)
+    f_old = jnp.asarray(rng.random((1, 3, 3, 1)), jnp.float32)
+    actions = f_old[:, None] + 0.05 * jnp.asarray(rng.standard_normal((1, 2, 3, 3, 1)), jnp.float32)
+    masks = jnp.ones((1, 1, 3, 3))
+    adv = jnp.array([[1.0, -1.0]])                       # sample 0 better than the baseline
+
+    def objective(f):
+        r = grpo.gaussian_region_ratios(f, f_old, actions, masks, 0.05)[..., 0]
+        return grpo.clipped_surrogate(r, adv, jnp.ones((1, 2), bool), 0.2)[0]
+
+    f = f_old + 1e-4 * jax.grad(objective)(f_old)        # ascent on the surrogate
+    lp0 = np.asarray(grpo.gaussian_region_logp(f_old, actions, masks, 0.05))[0, :, 0]
+    lp1 = np.asarray(grpo.gaussian_region_logp(f, actions, masks, 0.05))[0, :, 0]
+    assert lp1[0] > lp0[0] and lp1[1] < lp0[1]

@@ -78,7 +78,7 @@ def _run(objective, steps, lag=None, **hp_kw):
     tx, sched = gt.make_optimizer(2e-3, steps, weight_decay=0.01)
     mesh = parallel.data_mesh()
     step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
-    state = gt.create_train_state(params, tx)
+    state = gt.create_train_state(params, tx, objective=objective)
     if lag is not None:
         state["old_params"] = jax.tree_util.tree_map(lambda x: x * lag, params)
     state = parallel.replicate(state, mesh)
@@ -149,12 +149,13 @@ def test_fusion_objective_needs_no_reward_and_lowers_fusion_loss():
     with pytest.raises(ValueError, match="needs a reward function"):
         gt.make_train_step(gt.TrainHParams(objective="grpo"), CFG, tx, None, mesh)
     with pytest.raises(ValueError, match="objective"):
-        gt.TrainHParams(objective="ppo")
+        gt.TrainHParams(objective="reinforce")
 
 
 WORKER = textwrap.dedent('''
-    import sys, numpy as np
+    import os, sys, numpy as np
     mode, out = sys.argv[1], sys.argv[2]
+    objective = os.environ.get("GRPO_TEST_OBJECTIVE", "grpo")
     import jax
     if mode == "dist":
         from evafusion_jax import parallel
@@ -163,7 +164,7 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, sys.argv[-1])
     from test_grpo_training import _batch, CFG
     params = dcevo.init_params(CFG, jax.random.PRNGKey(3))
-    hp = gt.TrainHParams(objective="grpo", beta=0.1, whole_image_region=True,
+    hp = gt.TrainHParams(objective=objective, beta=0.1, whole_image_region=True,
                          old_policy_interval=100)
     import optax
     tx, sched = optax.sgd(1e-2), None  # SGD: the comparison is not blurred by Adam's normalisation
@@ -172,7 +173,7 @@ WORKER = textwrap.dedent('''
 
     def run(mesh, local_rows):
         step = gt.make_train_step(hp, CFG, tx, rf, mesh, sched)
-        state = gt.create_train_state(params, tx)
+        state = gt.create_train_state(params, tx, objective=objective)
         state["old_params"] = jax.tree_util.tree_map(lambda x: x * 0.98, params)
         state = parallel.replicate(state, mesh)
         for b in batches:
@@ -184,7 +185,8 @@ WORKER = textwrap.dedent('''
         p4, l4 = run(parallel.data_mesh(), slice(None))
         p1, l1 = run(parallel.data_mesh(jax.devices()[:1]), slice(None))
         flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
-        np.savez(out, p4=flat(p4), p1=flat(p1), l4=l4, l1=l1, n=jax.device_count())
+        np.savez(out, p4=flat(p4), p1=flat(p1), l4=l4, l1=l1, n=jax.device_count(),
+                 p0=flat(params))
     else:
         pid = jax.process_index()
         p, l = run(parallel.data_mesh(), slice(2 * pid, 2 * pid + 2))
@@ -193,8 +195,9 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _env(n_devices):
+def _env(n_devices, objective="grpo"):
     env = dict(os.environ)
+    env["GRPO_TEST_OBJECTIVE"] = objective
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={n_devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
@@ -223,6 +226,25 @@ def test_four_devices_equal_one_device(single_process_reference):
     np.testing.assert_allclose(ref["p4"], ref["p1"], atol=2e-5, rtol=1e-4)
     # the loss is a sum of r*A terms that cancel (sum A = 0): compare at round-off scale
     assert float(ref["l4"]) == pytest.approx(float(ref["l1"]), abs=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "ppo"])
+def test_four_devices_equal_one_device_for_dpo_and_ppo(objective, single_process_reference,
+                                                       tmp_path):
+    # The same worker as for grpo (DPO: best-vs-worst pairs counted over the global batch;
+    # PPO: the running baseline from the global batch's reward statistics).
+    script, _ = single_process_reference
+    out = tmp_path / "local4.npz"
+    r = subprocess.run([sys.executable, str(script), "local4", str(out),
+                        str(Path(__file__).parent)], env=_env(4, objective),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = dict(np.load(out))
+    assert int(ref["n"]) == 4
+    assert np.abs(ref["p1"] - ref["p0"]).max() > 1e-6  # the objective moved the parameters
+    np.testing.assert_allclose(ref["p4"], ref["p1"], atol=2e-5, rtol=1e-4)
+    assert float(ref["l4"]) == pytest.approx(float(ref["l1"]), abs=2e-5, rel=1e-5)
 
 
 @pytest.mark.slow

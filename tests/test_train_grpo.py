@@ -45,30 +45,36 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_parameters_and_nan_keeps_last_checkpoint(data, tmp_path):
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_kill_and_resume_gives_identical_parameters_and_nan_keeps_last_checkpoint(
+        objective, data, tmp_path):
+    # ppo: its running reward baseline is part of the train state and must resume too
     cache = tmp_path / "jax_cache"
-    full = _run(_args(data, tmp_path / "full"), cache)
+    obj = f"--config.objective={objective}"
+    full = _run(_args(data, tmp_path / "full", obj), cache)
     assert full.returncode == 0, full.stderr[-3000:]
     logs = tu.read_jsonl(tmp_path / "full" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     for key in ("reward", "kl", "clip_fraction", "adv_std", "reward/contrast", "loss"):
         assert key in logs[-1]
+    if objective == "ppo":
+        assert "baseline" in logs[-1]
 
     # killed right after step 2 (os._exit, as by a signal): the step-2 checkpoint survives
     run = tmp_path / "interrupted"
-    killed = _run(_args(data, run, "--config.debug_exit_at_step=1"), cache)
+    killed = _run(_args(data, run, obj, "--config.debug_exit_at_step=1"), cache)
     assert killed.returncode == 75, killed.stderr[-3000:]
     assert tu.TrainCheckpointer(run / "checkpoints").latest_step() == 2
     # restarted; the loss becomes NaN at step 4 (0-based 3): the run stops with an
     # error and keeps the step-3 checkpoint as the last good one, without exporting
-    bad = _run(_args(data, run, "--config.debug_nan_at_step=3",
+    bad = _run(_args(data, run, obj, "--config.debug_nan_at_step=3",
                      "--config.checkpoint_every_steps=1"), cache)
     assert bad.returncode == 3  # the documented non-finite stop (evafusion_jax.cli)
     assert "resumed from" in bad.stderr and "non-finite" in bad.stderr
     assert tu.TrainCheckpointer(run / "checkpoints").latest_step() == 3
     assert not (run / "dcevo_final").exists()
     # resumed again: the result equals the uninterrupted run bit for bit
-    resumed = _run(_args(data, run), cache)
+    resumed = _run(_args(data, run, obj), cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, cfg_a = checkpoints.load_params(tmp_path / "full" / "dcevo_final", expected_kind="dcevo")
     b, _ = checkpoints.load_params(run / "dcevo_final", expected_kind="dcevo")
@@ -90,7 +96,7 @@ def _flat(tree, prefix=""):
 
 
 def test_config_errors_name_the_field(data, tmp_path):
-    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.objective=ppo"),
+    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.objective=reinforce"),
                               str(REPO / "configs" / "grpo.py"))
     with pytest.raises(train_grpo.ConfigError, match="objective"):
         train_grpo.train(cfg)
