@@ -704,14 +704,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", type=int, default=48, help="training crop side")
     g.add_argument("--batch", type=int, default=4, help="training batch (fusion and GRPO)")
     g.add_argument("--regions", type=int, default=6, help="K region slots per crop")
-    g.add_argument("--feedback", type=int, default=1200, help="synthetic feedback samples")
+    g.add_argument("--feedback", type=int, default=3000, help="synthetic feedback samples")
     g.add_argument("--feedback-size", type=int, default=32, help="side of feedback images")
-    g.add_argument("--reward-batch", type=int, default=16, help="reward-model training batch")
+    g.add_argument("--reward-batch", type=int, default=32, help="reward-model training batch")
     g.add_argument("--reward-masked-examples", type=float, default=0.0,
                    help="fraction of feedback images also given as masked regions (same scores)")
     g.add_argument("--pairs-side", type=int, default=128,
                    help="with --pairs: resize pairs so that the shorter side is this (0 = keep)")
-    g.add_argument("--grpo-lr", type=float, default=1e-3, help="GRPO learning rate")
+    g.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     g.add_argument("--grpo-group", type=int, default=8,
                    help="GRPO group: sampled fusions per pair (even; each is scored region by region)")
     g.add_argument("--grpo-fusion-weight", type=float, default=0.0,
