@@ -11,7 +11,9 @@ Stages (each with a progress bar; every stage calls the project's library / CLI 
    and held-out folders) and a SYNTHETIC human-feedback set whose five "human" scores and
    artifact heatmaps follow a fixed rule of controlled degradations
    (``synthetic.write_feedback_folder``). Nothing in it is real data or real human judgement.
-   ``--pairs DIR`` uses real pairs instead (linked, not copied; the last few held out).
+   ``--pairs DIR`` uses real pairs instead (resized to ``--pairs-side`` in the work folder, or
+   linked with ``--pairs-side 0``; the last few held out); the feedback set is then made by the
+   same rule from crops of the training pairs.
 2. **reward model**: a small reward model (random frozen ViT backbone, or ``--vit``) trained
    on the feedback set with ``train_reward.train`` (mixing ViT and heads trained); reports
    PLCC/SRCC of the five scores on the dev and test splits. ``--reward CKPT`` skips training.
@@ -20,11 +22,14 @@ Stages (each with a progress bar; every stage calls the project's library / CLI 
    starts from a network that fuses. ``--dcevo CKPT`` skips it.
 4. **regions + GRPO**: K regions per training pair on the warm-up network's fused image
    (superpixels, or SAM with ``--sam``; ``precompute_regions``), then region-level GRPO against
-   the trained reward model (``train_grpo.train`` with ``objective=grpo``).
+   the trained reward model (``train_grpo.train`` with ``objective=grpo``), with composite
+   region rewards by default (``--region-reward``: region k of each sampled fusion pasted into
+   the deterministic fusion and scored whole; ``masked`` is the paper's ``R(F * M_k)``).
 5. **evaluate**: fuses the held-out pairs before and after GRPO (``fuse.fuse_folder``), computes
    IVIF metrics (``evaluate.evaluate``) and reward-model scores, artifact heatmaps and the
    aggregated GRPO reward of both.
-6. **report**: ``OUT/report.md`` (tables), ``OUT/summary.json`` (all numbers),
+6. **report**: ``OUT/report.md`` (tables), ``OUT/summary.json`` (all numbers; ``before_after``:
+   the policy's region reward on the training crops and the held-out whole-image reward),
    ``OUT/grid.png`` (IR | visible | fused before | fused after | artifact heatmap),
    ``OUT/curves.png`` (training curves); the work folders of every stage stay in ``OUT/work``.
 
