@@ -22,9 +22,9 @@ Stages (each with a progress bar; every stage calls the project's library / CLI 
    starts from a network that fuses. ``--dcevo CKPT`` skips it.
 4. **regions + GRPO**: K regions per training pair on the warm-up network's fused image
    (superpixels, or SAM with ``--sam``; ``precompute_regions``), then region-level GRPO against
-   the trained reward model (``train_grpo.train`` with ``objective=grpo``), with composite
-   region rewards by default (``--region-reward``: region k of each sampled fusion pasted into
-   the deterministic fusion and scored whole; ``masked`` is the paper's ``R(F * M_k)``).
+   the trained reward model (``train_grpo.train`` with ``objective=grpo``), with the paper's
+   masked region rewards ``R(F * M_k)`` by default (``--region-reward composite``: region k of
+   each sampled fusion pasted into the deterministic fusion and scored whole).
 5. **evaluate**: fuses the held-out pairs before and after GRPO (``fuse.fuse_folder``), computes
    IVIF metrics (``evaluate.evaluate``) and reward-model scores, artifact heatmaps and the
    aggregated GRPO reward of both.
@@ -721,10 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GRPO group: sampled fusions per pair (even; each is scored region by region)")
     g.add_argument("--grpo-fusion-weight", type=float, default=0.0,
                    help="weight of the auxiliary fusion loss during GRPO (0 = pure GRPO + KL)")
-    g.add_argument("--region-reward", default="composite", choices=("composite", "masked"),
-                   help="region rewards: composite (region k of a sample pasted into the "
-                        "deterministic fusion, scored whole; default) or masked (the paper's "
-                        "R(F * M_k))")
+    g.add_argument("--region-reward", default="masked", choices=("masked", "composite"),
+                   help="region rewards: masked (the paper's R(F * M_k); default: it raised the "
+                        "held-out reward most, README) or composite (region k of a sample pasted "
+                        "into the deterministic fusion, scored whole)")
     g.add_argument("--train-reward-backbone", action="store_true",
                    help="also train the reward model's ViT backbone (train_reward's "
                         "train_backbone; no feature cache); default: frozen, as released")

@@ -47,7 +47,7 @@ def test_demo_writes_the_report_with_every_stage(report):
     assert g["policy_crops"] >= 2 and g["group_size"] == 8
     assert "DCEvo before GRPO" in md and "DCEvo after GRPO" in md
     # the before/after numbers a script compares (benchmarks/demo_seeds.py)
-    assert g["region_reward"] == "composite"
+    assert g["region_reward"] == "masked"
     ba = s["before_after"]
     assert ba["policy_region_reward"] == {"before": g["policy_reward_before"],
                                           "after": g["policy_reward_after"]}
