@@ -34,6 +34,9 @@ def get_config():
     c.reward_checkpoint = ""
     c.reward_dtype = "float32"      # float32 | bfloat16 (mixed precision for the reward model)
     c.released_preprocessing_bug = False  # True: feed [0, 1] pixels like reward_final.py
+    # Region rewards: masked = R(F * M_k) (the paper's) | composite = R(F_old with region k of
+    # the sample pasted in), whole natural images for the reward model (README, "Region rewards").
+    c.region_reward = "masked"
     c.weights = ml_collections.ConfigDict(dict(
         texture=2.0, thermal=1.0, sharpness=2.0, artifacts=0.5, heatmap_threshold=0.5,
         use_scores=True, use_heatmap=True, heatmap_only=1.0, soft_area=False))

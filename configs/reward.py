@@ -31,6 +31,8 @@ def get_config():
     c.init_checkpoint = ""
     c.mixer_init = "random"       # random (as released) | copy_backbone
     c.train_mixer = False         # the release keeps the mixing ViT frozen
+    c.train_backbone = False      # the release keeps the backbone frozen; True trains it too
+                                  # (for a random backbone, e.g. the demo's; disables the cache)
 
     # Data (feedback_data layouts: datasets save_to_disk folder, parquet, plain folder).
     c.data = ml_collections.ConfigDict()

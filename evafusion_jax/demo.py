@@ -11,7 +11,9 @@ Stages (each with a progress bar; every stage calls the project's library / CLI 
    and held-out folders) and a SYNTHETIC human-feedback set whose five "human" scores and
    artifact heatmaps follow a fixed rule of controlled degradations
    (``synthetic.write_feedback_folder``). Nothing in it is real data or real human judgement.
-   ``--pairs DIR`` uses real pairs instead (linked, not copied; the last few held out).
+   ``--pairs DIR`` uses real pairs instead (resized to ``--pairs-side`` in the work folder, or
+   linked with ``--pairs-side 0``; the last few held out); the feedback set is then made by the
+   same rule from crops of the training pairs.
 2. **reward model**: a small reward model (random frozen ViT backbone, or ``--vit``) trained
    on the feedback set with ``train_reward.train`` (mixing ViT and heads trained); reports
    PLCC/SRCC of the five scores on the dev and test splits. ``--reward CKPT`` skips training.
@@ -20,11 +22,14 @@ Stages (each with a progress bar; every stage calls the project's library / CLI 
    starts from a network that fuses. ``--dcevo CKPT`` skips it.
 4. **regions + GRPO**: K regions per training pair on the warm-up network's fused image
    (superpixels, or SAM with ``--sam``; ``precompute_regions``), then region-level GRPO against
-   the trained reward model (``train_grpo.train`` with ``objective=grpo``).
+   the trained reward model (``train_grpo.train`` with ``objective=grpo``), with the paper's
+   masked region rewards ``R(F * M_k)`` by default (``--region-reward composite``: region k of
+   each sampled fusion pasted into the deterministic fusion and scored whole).
 5. **evaluate**: fuses the held-out pairs before and after GRPO (``fuse.fuse_folder``), computes
    IVIF metrics (``evaluate.evaluate``) and reward-model scores, artifact heatmaps and the
    aggregated GRPO reward of both.
-6. **report**: ``OUT/report.md`` (tables), ``OUT/summary.json`` (all numbers),
+6. **report**: ``OUT/report.md`` (tables), ``OUT/summary.json`` (all numbers; ``before_after``:
+   the policy's region reward on the training crops and the held-out whole-image reward),
    ``OUT/grid.png`` (IR | visible | fused before | fused after | artifact heatmap),
    ``OUT/curves.png`` (training curves); the work folders of every stage stay in ``OUT/work``.
 
@@ -96,12 +101,23 @@ def _stage(i: int, msg: str = "") -> None:
     log.info("[stage %d/%d] %s%s", i + 1, len(STAGES), STAGES[i], f": {msg}" if msg else "")
 
 
-def _link_pairs(src: Path, names: Sequence[str], dst: Path) -> Path:
-    """``dst/ir``, ``dst/vi`` holding symlinks to ``src/ir/<name>``, ``src/vi/<name>``."""
+def _link_pairs(src: Path, names: Sequence[str], dst: Path, side: int = 0) -> Path:
+    """``dst/ir``, ``dst/vi`` holding symlinks to ``src/ir/<name>``, ``src/vi/<name>``, or with
+    ``side`` > 0 copies resized so that the shorter side is ``side`` pixels (``image_io.resize``;
+    the output folder's work files, never the project)."""
+    from evafusion_jax import image_io
     for sub in ("ir", "vi"):
         (dst / sub).mkdir(parents=True, exist_ok=True)
         for n in names:
             target = (src / sub / n).resolve()
+            if side > 0:
+                img = image_io.read_image(target)
+                h, w = img.shape[:2]
+                if min(h, w) > side:
+                    img = image_io.resize(img, round(h * side / min(h, w)),
+                                          round(w * side / min(h, w)))
+                image_io.save_image(dst / sub / (Path(n).stem + ".png"), img)
+                continue
             try:
                 os.symlink(target, dst / sub / n)
             except OSError:  # file systems without symlinks
@@ -158,9 +174,13 @@ def stage_data(args, work: Path) -> dict:
                 raise DemoError(f"--pairs {args.pairs} holds {len(names)} pair(s): need at least 2 "
                                 "(training pairs and at least one held-out pair)")
             train_names = names[:-n_test][:args.train_pairs]
-            out["train"] = _link_pairs(Path(args.pairs), train_names, data / "pairs_train")
-            out["test"] = _link_pairs(Path(args.pairs), names[-n_test:], data / "pairs_test")
-            out["pairs_kind"] = f"real pairs from {Path(args.pairs).absolute()}"
+            out["train"] = _link_pairs(Path(args.pairs), train_names, data / "pairs_train",
+                                       args.pairs_side)
+            out["test"] = _link_pairs(Path(args.pairs), names[-n_test:], data / "pairs_test",
+                                      args.pairs_side)
+            out["pairs_kind"] = (f"real pairs from {Path(args.pairs).absolute()}"
+                                 + (f", shorter side resized to {args.pairs_side} px"
+                                    if args.pairs_side else ""))
             bar.update(2)
         else:
             out["train"] = synthetic.write_pairs_folder(data / "pairs_train", args.train_pairs,
@@ -171,9 +191,12 @@ def stage_data(args, work: Path) -> dict:
             bar.update(1)
             out["pairs_kind"] = "SYNTHETIC procedural scenes (evafusion_jax.synthetic)"
         if not args.reward:
+            # with --pairs: degraded fusions of crops of the TRAINING pairs (never the held-out)
             out["feedback"] = synthetic.write_feedback_folder(
                 data / "feedback_SYNTHETIC", args.feedback, seed=args.seed,
-                size=args.feedback_size, fused_per_pair=2)
+                size=args.feedback_size, fused_per_pair=2,
+                pairs=out["train"] if args.pairs else None,
+                masked_fraction=args.reward_masked_examples)
         bar.update(1)
     out["num_train"] = len(grpo_input_pipeline.list_pairs(out["train"]))
     out["num_test"] = len(grpo_input_pipeline.list_pairs(out["test"]))
@@ -206,10 +229,11 @@ def stage_reward(args, work: Path, data: dict) -> dict:
     cfg.init = "reward"
     cfg.init_checkpoint = str(init_ckpt)
     cfg.train_mixer = not args.vit  # a random backbone: let the mixing ViT learn the features
+    cfg.train_backbone = bool(args.train_reward_backbone)
     cfg.data.path = str(data["feedback"])
     cfg.cache.dtype = "float32"
-    cfg.batch_size = 16
-    cfg.eval_batch_size = 32
+    cfg.batch_size = args.reward_batch
+    cfg.eval_batch_size = 64
     from evafusion_jax import feedback_data as fd
     n_train = len(fd.open_split(cfg.data.path, "train"))
     steps_per_epoch = max(n_train // cfg.batch_size, 1)
@@ -313,6 +337,7 @@ def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict
     cfg.group_size = args.grpo_group
     cfg.noise_seed = args.seed
     cfg.grpo_fusion_weight = args.grpo_fusion_weight
+    cfg.region_reward = args.region_reward
     cfg.log_every_steps = 1
     cfg.image_every_steps = 0
     cfg.checkpoint_every_steps = 10 ** 9
@@ -328,7 +353,7 @@ def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict
             "group_size": int(cfg.group_size), "exploration_std": float(cfg.exploration_std),
             "reward_start": _mean(rewards[:k]), "reward_end": _mean(rewards[-k:]),
             "policy_reward_before": policy["before"], "policy_reward_after": policy["after"],
-            "policy_crops": policy["crops"],
+            "policy_crops": policy["crops"], "region_reward": str(cfg.region_reward),
             "window": k, "final": metrics, "log": gdir / "logs" / "metrics.jsonl"}
 
 
@@ -397,7 +422,7 @@ def stage_evaluate(args, work: Path, data: dict, reward: dict, fusion: dict, grp
     methods = {"before": folders["before"], "after": folders["after"]}
     tasks = evaluate.plan_evaluation(data["test"] / "ir", data["test"] / "vi", methods)
     rows = evaluate.evaluate(tasks, DEMO_METRICS, workers=1)
-    score = _score_fn(reward["checkpoint"])
+    score = _score_fn(args.eval_reward or reward["checkpoint"])
     images: dict[str, dict] = {}
     for row, (method, stem, fp, ip, vp) in tqdm(list(zip(rows, tasks)), desc="reward scores",
                                                 unit="img"):
@@ -586,9 +611,15 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
                   "direction that raises the reward from a few sampled fusions per pair, so short "
                   "runs are noisy: try more `--steps`, a larger `--grpo-group`, or another "
                   "`--seed`.\n")
-    md.append("\nGRPO optimises the reward of masked regions (`F * M_k`), which the demo's small "
-              "reward model never saw during its training on whole images; its whole-image "
-              "reward on the held-out pairs (below) need not move the same way.\n")
+    if g.get("region_reward") == "masked":
+        md.append("\nRegion rewards: masked regions `R(F * M_k)` (the paper's), images the "
+                  "demo's reward model never saw in its training on whole images; the "
+                  "whole-image reward of the held-out pairs (below) need not move the same way.\n")
+    else:
+        md.append("\nRegion rewards: composites, region k of each sampled fusion pasted into "
+                  "the deterministic fusion of the old policy and scored as a whole image "
+                  "(`--region-reward composite`); the region reward of the deterministic F "
+                  "above is therefore its whole-image reward on the training crops.\n")
 
     md.append("\n## 4. Held-out pairs before / after GRPO\n\n")
     summ, cols = ev["summary"], ev["columns"]
@@ -624,6 +655,12 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
                    **({"final": fusion["final"]} if fusion["trained"] else {})},
         "grpo": {k: (rel(v) if k in ("checkpoint", "log") else v) for k, v in g.items()},
         "heldout": summ,
+        # the two numbers a script compares (benchmarks/demo_seeds.py)
+        "before_after": {
+            "policy_region_reward": {"before": g["policy_reward_before"],
+                                     "after": g["policy_reward_after"]},
+            "heldout_reward": {"before": summ["before"]["reward"]["mean"],
+                               "after": summ["after"]["reward"]["mean"]}},
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
     return summary
@@ -660,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "Hugging Face folder")
     p.add_argument("--reward", help="trained/converted reward checkpoint (skips reward training)")
     p.add_argument("--dcevo", help="converted DCEvo checkpoint (skips the fusion warm-up)")
+    p.add_argument("--eval-reward", help="reward checkpoint that scores the held-out pairs "
+                                         "(default: the one GRPO trains against)")
     p.add_argument("--sam", help="segment_anything checkpoint: SAM regions instead of superpixels")
     p.add_argument("--sam-model-type", default="vit_b", choices=("vit_h", "vit_l", "vit_b", "tiny"),
                    help="architecture of the --sam checkpoint (default vit_b)")
@@ -670,18 +709,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", type=int, default=48, help="training crop side")
     g.add_argument("--batch", type=int, default=4, help="training batch (fusion and GRPO)")
     g.add_argument("--regions", type=int, default=6, help="K region slots per crop")
-    g.add_argument("--feedback", type=int, default=600, help="synthetic feedback samples")
+    g.add_argument("--feedback", type=int, default=3000, help="synthetic feedback samples")
     g.add_argument("--feedback-size", type=int, default=32, help="side of feedback images")
+    g.add_argument("--reward-batch", type=int, default=32, help="reward-model training batch")
+    g.add_argument("--reward-masked-examples", type=float, default=0.0,
+                   help="fraction of feedback images also given as masked regions (same scores)")
+    g.add_argument("--pairs-side", type=int, default=128,
+                   help="with --pairs: resize pairs so that the shorter side is this (0 = keep)")
     g.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     g.add_argument("--grpo-group", type=int, default=8,
                    help="GRPO group: sampled fusions per pair (even; each is scored region by region)")
     g.add_argument("--grpo-fusion-weight", type=float, default=0.0,
                    help="weight of the auxiliary fusion loss during GRPO (0 = pure GRPO + KL)")
+    g.add_argument("--region-reward", default="masked", choices=("masked", "composite"),
+                   help="region rewards: masked (the paper's R(F * M_k); default: it raised the "
+                        "held-out reward most, README) or composite (region k of a sample pasted "
+                        "into the deterministic fusion, scored whole)")
+    g.add_argument("--train-reward-backbone", action="store_true",
+                   help="also train the reward model's ViT backbone (train_reward's "
+                        "train_backbone; no feature cache); default: frozen, as released")
     return p
 
 
 def _validate(args) -> None:
-    for name in ("pairs", "vit", "reward", "dcevo", "sam"):
+    for name in ("pairs", "vit", "reward", "dcevo", "sam", "eval_reward"):
         v = getattr(args, name)
         if v and not Path(v).exists():
             raise DemoError(f"--{name} {v} does not exist")
@@ -695,6 +746,11 @@ def _validate(args) -> None:
                  "feedback", "feedback_size"):
         if getattr(args, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.reward_masked_examples <= 1.0:
+        raise DemoError(f"--reward-masked-examples must be in [0, 1], got "
+                        f"{args.reward_masked_examples}")
+    if args.pairs_side < 0:
+        raise DemoError(f"--pairs-side must be >= 0, got {args.pairs_side}")
     if args.regions < 2:
         raise DemoError("--regions must be >= 2 (GRPO compares regions within a group)")
     if args.grpo_group < 2 or args.grpo_group % 2:

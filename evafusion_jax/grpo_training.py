@@ -302,7 +302,9 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
             noise = _sample_noise(state["step"], hp.noise_seed,
                                   (b, hp.group_size) + fused.shape[1:], axis_name)
             actions = grpo.sample_actions(fused_old, noise, hp.exploration_std, hp.antithetic)
-            rewards, terms = reward_fn.sample_regions(reward_params, actions, ir, vi, masks)
+            # base: the deterministic F_old, into which "composite" region rewards paste region k
+            rewards, terms = reward_fn.sample_regions(reward_params, actions, ir, vi, masks,
+                                                      base=fused_old)
             ratios = grpo.gaussian_region_ratios(fused, fused_old, actions, masks,
                                                  hp.exploration_std)  # (B, G, K)
             adv = grpo.sampled_group_advantages(rewards, valid, hp.advantage_group, hp.adv_eps)

@@ -2,12 +2,21 @@
 
 A reward function is an object with
 
-* ``regions(params, fused, ir, vi, masks) -> (total (B, K), terms {name: (B, K)})``:
-  the reward of every region k of every pair, s_k = R(F * M_k, i, v). No gradient
-  flows out of it (inputs and outputs are wrapped in ``stop_gradient``).
-* ``sample_regions(params, samples, ir, vi, masks) -> (total (B, G, K), terms)``: the
-  same for G sampled fused images per pair (``samples`` (B, G, H, W, C)); the
+* ``regions(params, fused, ir, vi, masks, base=None) -> (total (B, K), terms {name: (B, K)})``:
+  the reward of every region k of every pair. No gradient flows out of it (inputs and
+  outputs are wrapped in ``stop_gradient``).
+* ``sample_regions(params, samples, ir, vi, masks, base=None) -> (total (B, G, K), terms)``:
+  the same for G sampled fused images per pair (``samples`` (B, G, H, W, C)); the
   reward model encodes each pair's IR and visible images once for all G x K.
+
+What "the reward of region k" is depends on ``region_mode`` (:data:`REGION_MODES`):
+
+* ``"masked"`` (the paper's): s_k = R(F * M_k, i, v), the fused image black outside the
+  region (unlike anything a reward model sees in training).
+* ``"composite"``: s_k = R(base * (1 - M_k) + F * M_k, i, v): region k of F pasted into a
+  base image (GRPO passes the deterministic fusion F_old of theta_old; ``base=None`` means
+  F itself, so every region of a deterministic F gets the whole-image reward R(F)). The
+  reward model sees whole, natural fused images that differ only inside region k.
 * ``image(params, fused, ir, vi) -> (total (B,), terms {name: (B,)})``: the reward of
   whole fused images, differentiable with respect to ``fused`` (used by the
   ``direct`` objective; the reward parameters are still constants).
@@ -45,6 +54,26 @@ import jax.numpy as jnp
 from evafusion_jax import fusion_losses, grpo
 
 REWARD_TERMS = ("texture", "thermal", "sharpness", "artifacts", "heatmap", "artifact_area")
+REGION_MODES = ("masked", "composite")
+
+
+def region_images(images, masks, base=None, mode: str = "masked"):
+    """The images whose rewards are the region rewards (module docstring, ``region_mode``).
+
+    ``images`` (B, H, W, C) or (B, G, H, W, C); ``masks`` (B, K, H, W); ``base`` (B, H, W, C)
+    or None (= ``images``). Returns (B, K, H, W, C) or (B, G, K, H, W, C).
+    """
+    if mode not in REGION_MODES:
+        raise ValueError(f"region mode must be one of {REGION_MODES}, got {mode!r}")
+    grouped = images.ndim == 5
+    m = masks[..., None].astype(images.dtype)          # (B, K, H, W, 1)
+    if grouped:
+        m = m[:, None]                                  # (B, 1, K, H, W, 1)
+    x = images[:, :, None] if grouped else images[:, None]
+    if mode == "masked":
+        return x * m
+    b = x if base is None else (base[:, None, None] if grouped else base[:, None])
+    return b * (1.0 - m) + x * m
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
@@ -63,6 +92,7 @@ class ModelReward:
       share_tokens: encode IR/visible once per pair (True) or once per region (False).
       dtype: "float32" or "bfloat16" (mixed precision for the reward model).
       released_preprocessing_bug: feed [0, 1] pixels like the release's fine-tuning.
+      region_mode: "masked" (the paper's F * M_k) or "composite" (module docstring).
     """
 
     config: Any
@@ -70,10 +100,14 @@ class ModelReward:
     share_tokens: bool = True
     dtype: str = "float32"
     released_preprocessing_bug: bool = False
+    region_mode: str = "masked"
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ModelReward.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.region_mode not in REGION_MODES:
+            raise ValueError(f"ModelReward.region_mode must be one of {REGION_MODES}, got "
+                             f"{self.region_mode!r}")
 
     term_names = REWARD_TERMS
 
@@ -139,17 +173,19 @@ class ModelReward:
             terms = {name: t.reshape(b, n) for name, t in terms.items()}
         return jax.lax.stop_gradient((total, terms))
 
-    def regions(self, params, fused, ir, vi, masks):
+    def regions(self, params, fused, ir, vi, masks, base=None):
         fused = jax.lax.stop_gradient(fused)
-        masked = fused[:, None] * masks[..., None].astype(fused.dtype)  # (B, K, H, W, C)
+        base = None if base is None else jax.lax.stop_gradient(base)
+        masked = region_images(fused, masks, base, self.region_mode)  # (B, K, H, W, C)
         return self._score_masked(params, masked, ir, vi)
 
-    def sample_regions(self, params, samples, ir, vi, masks):
+    def sample_regions(self, params, samples, ir, vi, masks, base=None):
         samples = jax.lax.stop_gradient(samples)
+        base = None if base is None else jax.lax.stop_gradient(base)
         b, g = samples.shape[:2]
         k = masks.shape[1]
         # (B, G, K, H, W, C): every region of every sample, IR/visible encoded once per pair.
-        masked = samples[:, :, None] * masks[:, None, ..., None].astype(samples.dtype)
+        masked = region_images(samples, masks, base, self.region_mode)
         total, terms = self._score_masked(
             params, masked.reshape((b, g * k) + masked.shape[3:]), ir, vi)
         return total.reshape(b, g, k), {n: t.reshape(b, g, k) for n, t in terms.items()}
@@ -174,14 +210,14 @@ class ContrastReward:
         num = jnp.einsum("bhw,bkhw->bk", g, m)
         return self.scale * num / (jnp.sum(m, axis=(-2, -1)) + self.eps)
 
-    def regions(self, params, fused, ir, vi, masks):
-        del params, ir, vi
+    def regions(self, params, fused, ir, vi, masks, base=None):
+        del params, ir, vi, base
         c = self._region_contrast(jax.lax.stop_gradient(fused), masks)
         c = jax.lax.stop_gradient(c)
         return c, {"contrast": c}
 
-    def sample_regions(self, params, samples, ir, vi, masks):
-        del params, ir, vi
+    def sample_regions(self, params, samples, ir, vi, masks, base=None):
+        del params, ir, vi, base
         b, g = samples.shape[:2]
         flat = jax.lax.stop_gradient(samples).reshape((b * g,) + samples.shape[2:])
         c = self._region_contrast(flat, jnp.repeat(masks, g, axis=0)).reshape(b, g, -1)

@@ -280,19 +280,26 @@ def apply(params, pix_ir, pix_vi, pix_fused, config: RewardConfig):
 def preprocess(images, config: RewardConfig):
     """[0, 1] NHWC images (1 or 3 channels, any size) -> normalised ViT ``pixel_values``.
 
-    Grayscale is repeated to RGB, images are resized bilinearly (half-pixel
-    centres, no antialiasing: ``F.interpolate(..., align_corners=False)``) to
-    the ViT input size, then normalised with the ViT's mean and std.
+    The one preprocessing of every scoring path (``score_images``, the GRPO / direct reward
+    functions, ``score``, ``evaluate --reward``, the demo): grayscale is repeated to RGB,
+    images are resized with PIL's bilinear filter to the ViT input size, then normalised with
+    the ViT's mean and std (0.5 for the released model: [-1, 1]), as the released training did.
+    Jittable and differentiable. Training reads 8-bit files and resizes them with PIL itself
+    (``feedback_data.preprocess_example``, bit-exact to the release); the two differ only by
+    PIL's 8-bit rounding (README, "Preprocessing").
     """
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"preprocess: expected NHWC images with 1 or 3 channels, got shape {images.shape}")
     images = images.astype(jnp.float32)
-    if images.shape[-1] == 1:
-        images = jnp.repeat(images, 3, axis=-1)
     s = config.vit.image_size
     if images.shape[1:3] != (s, s):
-        images = jax.image.resize(images, (images.shape[0], s, s, 3), "linear", antialias=False)
+        # PIL's BILINEAR: a triangle filter widened by the scale when downscaling (antialias),
+        # half-pixel centres; equal to PIL's float resize to ~1e-7.
+        images = jax.image.resize(images, images.shape[:1] + (s, s) + images.shape[3:],
+                                  "linear", antialias=True)
+    if images.shape[-1] == 1:
+        images = jnp.repeat(images, 3, axis=-1)
     mean = jnp.asarray(config.vit.image_mean, jnp.float32)
     std = jnp.asarray(config.vit.image_std, jnp.float32)
     return (images - mean) / std

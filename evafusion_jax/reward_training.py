@@ -4,7 +4,9 @@ Facts taken from the released ``RichHF/train.py``:
 
 * The backbone ViT and the mixing ViT (``vit_fusion``, randomly initialised in
   the release) are frozen; only ``projection``, ``heatmap_predictor`` and
-  ``score_predictor`` learn. ``train_mixer=True`` also trains ``vit_fusion``.
+  ``score_predictor`` learn. ``train_mixer=True`` also trains ``vit_fusion``;
+  ``train_backbone=True`` (not in the release: for a randomly initialised
+  backbone, e.g. the demo's) also trains the backbone ``vit`` (no feature cache then).
 * AdamW (betas 0.9/0.999, eps 1e-8, weight decay 2e-3 on every trained
   parameter), learning rate from 2e-5 to 1e-5 by ``CosineAnnealingLR(T_max=
   num_epochs, eta_min=min_lr)`` stepped once per epoch with ``step(epoch)``
@@ -64,13 +66,15 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 # ----------------------------------------------------------------------------- params / optimizer
 
-def trained_keys(train_mixer: bool = False) -> tuple[str, ...]:
-    return TRAINED_KEYS + ((MIXER_KEY,) if train_mixer else ())
+def trained_keys(train_mixer: bool = False, train_backbone: bool = False) -> tuple[str, ...]:
+    return (TRAINED_KEYS + ((MIXER_KEY,) if train_mixer else ())
+            + ((BACKBONE_KEY,) if train_backbone else ()))
 
 
-def split_params(params: Mapping[str, Any], train_mixer: bool = False) -> tuple[dict, dict]:
+def split_params(params: Mapping[str, Any], train_mixer: bool = False,
+                 train_backbone: bool = False) -> tuple[dict, dict]:
     """``(trained, frozen)`` top-level subtrees of a reward-model parameter tree."""
-    keys = trained_keys(train_mixer)
+    keys = trained_keys(train_mixer, train_backbone)
     missing = [k for k in (BACKBONE_KEY, MIXER_KEY) + TRAINED_KEYS if k not in params]
     if missing:
         raise ValueError(f"reward-model params lack the top-level key(s) {missing}; "
@@ -127,21 +131,25 @@ def init_train_state(trained: Any, optimizer: optax.GradientTransformation) -> d
 
 # ----------------------------------------------------------------------------- loss / steps
 
-def batch_tokens(params: Mapping[str, Any], batch: Mapping[str, Any], config: rm.RewardConfig):
-    """(tokens_ir, tokens_vi, tokens_fused) of a batch: cached tokens, or encoded pixels."""
+def batch_tokens(params: Mapping[str, Any], batch: Mapping[str, Any], config: rm.RewardConfig,
+                 train_backbone: bool = False):
+    """(tokens_ir, tokens_vi, tokens_fused) of a batch: cached tokens, or encoded pixels.
+
+    The backbone gets no gradient unless ``train_backbone``."""
     if "tok_fused" in batch:
         return tuple(jnp.asarray(batch[k], jnp.float32) for k in ("tok_ir", "tok_vi", "tok_fused"))
-    vit = jax.lax.stop_gradient(params[BACKBONE_KEY])
+    sg = (lambda x: x) if train_backbone else jax.lax.stop_gradient
+    vit = sg(params[BACKBONE_KEY])
     b = batch["fused"].shape[0]
     pix = jnp.concatenate([batch["ir"], batch["vi"], batch["fused"]], axis=0)
-    tok = rm.encode({BACKBONE_KEY: vit}, pix, config)
-    tok = jax.lax.stop_gradient(tok)
+    tok = sg(rm.encode({BACKBONE_KEY: vit}, pix, config))
     return tok[:b], tok[b:2 * b], tok[2 * b:]
 
 
-def forward(params: Mapping[str, Any], batch: Mapping[str, Any], config: rm.RewardConfig) -> dict:
+def forward(params: Mapping[str, Any], batch: Mapping[str, Any], config: rm.RewardConfig,
+            train_backbone: bool = False) -> dict:
     """Reward-model outputs for a batch (cached tokens or pixel values)."""
-    t_ir, t_vi, t_fu = batch_tokens(params, batch, config)
+    t_ir, t_vi, t_fu = batch_tokens(params, batch, config, train_backbone)
     return rm.head(params, t_ir, t_vi, t_fu, config)
 
 
@@ -166,7 +174,8 @@ def loss_terms(outputs: Mapping[str, Any], batch: Mapping[str, Any], config: rm.
 
 def make_train_step(config: rm.RewardConfig, optimizer: optax.GradientTransformation,
                     mesh, *, score_weight: float = 1.0, heatmap_weight: float = 1.0,
-                    debug_nan_at_step: int = -1, donate: bool = False) -> Callable:
+                    debug_nan_at_step: int = -1, donate: bool = False,
+                    train_backbone: bool = False) -> Callable:
     """Jitted data-parallel step ``(state, frozen, batch) -> (state, metrics)``.
 
     ``state`` from :func:`init_train_state` (replicated), ``frozen`` the frozen
@@ -179,7 +188,7 @@ def make_train_step(config: rm.RewardConfig, optimizer: optax.GradientTransforma
 
     def step(state, frozen, batch):
         def loss_fn(trained):
-            out = forward(merge_params(trained, frozen), batch, config)
+            out = forward(merge_params(trained, frozen), batch, config, train_backbone)
             return loss_terms(out, batch, config, score_weight, heatmap_weight)
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

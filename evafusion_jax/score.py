@@ -18,7 +18,8 @@ output folder gets
 Everything is checked (pairs, every image decoded, sizes, checkpoint) before anything
 is written; a fused image must have the size of its sources (the rule of ``evaluate``,
 ``image_io.size_mismatches``), and the output is written to a temporary folder renamed into place.
-Preprocessing is the training one (``feedback_data.preprocess_example``).
+Preprocessing is ``reward_model.preprocess`` (PIL-bilinear resize, then the [-1, 1]
+normalisation of training), the same as ``evaluate --reward`` and the GRPO reward functions.
 """
 
 from __future__ import annotations
@@ -67,13 +68,13 @@ def match_sources(fused_dir, ir_dir, vi_dir) -> list[tuple[Path, Path, Path]]:
     return [(f, index["ir"][f.stem], index["vi"][f.stem]) for f in fused]
 
 
-def _read_u8(path: Path) -> np.ndarray:
+def _read(path: Path) -> np.ndarray:
+    """[0, 1] float image (H, W, C) of ``path``."""
     from evafusion_jax import image_io
     try:
-        img = image_io.read_image(path)
+        return image_io.read_image(path)
     except Exception as e:  # noqa: BLE001 - reported with the file name
         raise ScoreInputError(f"cannot read image {path}: {e}") from e
-    return image_io.to_uint8(img)
 
 
 def overlay(fused: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
@@ -130,7 +131,6 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
     config = rm.RewardConfig.from_dict(cfg_dict)
     if dtype:
         config = config.replace(dtype=dtype)
-    v = config.vit
     mesh = par.data_mesh(jax.local_devices())
     predict = rt.make_predict_fn(config, mesh)
     p = par.replicate(params, mesh)
@@ -147,12 +147,10 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
             chunk = triples[start:start + bs]
             exs, fused_imgs = [], []
             for f, i, vv in chunk:
-                fu8 = _read_u8(f)
-                rec = {"ir": _read_u8(i), "vi": _read_u8(vv), "fused": fu8,
-                       "heatmap": np.zeros(fu8.shape[:2], np.uint8),
-                       "scores": np.zeros(len(config.score_types), np.float32)}
-                exs.append(fd.preprocess_example(rec, v.image_size, v.image_mean, v.image_std))
-                fused_imgs.append(fu8.astype(np.float32) / 255.0)
+                imgs = {"ir": _read(i), "vi": _read(vv), "fused": _read(f)}
+                exs.append({k: np.asarray(rm.preprocess(x[None], config))[0]
+                            for k, x in imgs.items()})
+                fused_imgs.append(imgs["fused"])
             batch = {k: np.stack([e[k] for e in exs]) for k in ("ir", "vi", "fused")}
             padded, n = rt.pad_batch(batch, bs)
             res = jax.device_get(predict(p, par.shard_batch(padded, mesh)))

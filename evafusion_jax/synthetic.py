@@ -35,6 +35,17 @@ Score rule (``score_rule``; every score in [1, 5], higher is better)::
                            + 0.2 * Sharpness + 0.2 * Artifacts
 
 The artifact heatmap is the circles rendered as filled discs (``feedback_data.render_circles``).
+
+Scenes from REAL pairs (``write_feedback_folder(pairs=DIR)``, the demo's ``--pairs``): the same
+fusion and score rules on random square crops of real IR/visible pairs (a side of 1/4 to 1/2 of
+the shorter image side, resized to ``size`` with PIL bilinear), decomposed by
+``scene_from_pair``: ``vi_gray`` = visible luma, ``ir_targets = max(ir - G_s(ir), 0)`` (what is
+warmer than its surroundings, s = size / 8) and ``ir_background = ir - ir_targets``.
+
+Masked examples (``masked_fraction``): that fraction of the fused images also appears as
+``fused * M`` (M: a random union of 1-3 soft ellipses covering part of the image, as a region
+mask does), with the SAME five scores (every degradation is global, so a region shows the
+image's quality) and the heatmap times M. For reward models that score masked regions.
 """
 
 from __future__ import annotations
@@ -157,6 +168,66 @@ def make_pair(rng: np.random.Generator | int, height: int = 64,
     """A synthetic pair: ``ir`` (H, W) and ``vi`` (H, W, 3), float32 in [0, 1]."""
     sc = make_scene(rng, height, width)
     return sc["ir"], sc["vi"]
+
+
+def scene_from_pair(ir: np.ndarray, vi: np.ndarray) -> dict[str, np.ndarray]:
+    """A scene (``make_scene``'s keys) from a real pair: ``ir`` (H, W[, 1]), ``vi`` (H, W[, C])
+    in [0, 1]; the decomposition of the module docstring."""
+    ir = np.asarray(ir, np.float64).reshape(ir.shape[0], ir.shape[1])
+    vi = np.asarray(vi, np.float64)
+    vi_rgb = np.repeat(vi.reshape(vi.shape[0], vi.shape[1], 1), 3, -1) if vi.ndim == 2 or \
+        vi.shape[-1] == 1 else vi[..., :3]
+    vi_gray = vi_rgb @ np.array([0.299, 0.587, 0.114])
+    targets = np.maximum(ir - ndimage.gaussian_filter(ir, max(ir.shape) / 8, mode="reflect"), 0)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    return {"ir": f32(ir), "vi": f32(vi_rgb), "vi_gray": f32(vi_gray),
+            "ir_background": f32(ir - targets), "ir_targets": f32(targets),
+            "target_mask": f32(targets > 0.05),
+            "texture": f32(vi_gray - ndimage.gaussian_filter(vi_gray, 2.0))}
+
+
+def _real_scene(pairs: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+                size: int) -> dict[str, np.ndarray]:
+    """A random square crop of a random real pair, resized to ``size`` (module docstring)."""
+    ir, vi = pairs[int(rng.integers(len(pairs)))]
+    h, w = ir.shape[:2]
+    side = int(rng.uniform(0.25, 0.5) * min(h, w))
+    side = max(min(side, h, w), 1)
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+
+    def crop(a):
+        a = a[y:y + side, x:x + side]
+        chans = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c], np.float32), "F")
+                            .resize((size, size), Image.BILINEAR)) for c in range(a.shape[-1])]
+        return np.clip(np.stack(chans, -1), 0, 1)
+    return scene_from_pair(crop(ir), crop(vi))
+
+
+def read_pairs(folder: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every (ir, vi) pair of ``folder/ir``, ``folder/vi`` (same file names) as [0, 1] floats."""
+    from evafusion_jax import image_io
+    folder = Path(folder)
+    names = [p.name for p in image_io.list_images(folder / "ir")]
+    out = []
+    for n in names:
+        if (folder / "vi" / n).is_file():
+            ir, vi = image_io.read_image(folder / "ir" / n), image_io.read_image(folder / "vi" / n)
+            if ir.shape[:2] == vi.shape[:2]:
+                out.append((image_io.to_gray(ir), vi))
+    if not out:
+        raise ValueError(f"{folder} holds no ir/vi pairs of equal size with the same file names")
+    return out
+
+
+def random_region_mask(rng: np.random.Generator | int, size: int) -> np.ndarray:
+    """(size, size) float32 mask: a union of 1-3 soft ellipses (a stand-in for a SAM region)."""
+    rng = _rng(rng)
+    m = np.zeros((size, size))
+    for _ in range(int(rng.integers(1, 4))):
+        m = np.maximum(m, _ellipse(size, size, rng.uniform(0, size), rng.uniform(0, size),
+                                   rng.uniform(0.15, 0.4) * size, rng.uniform(0.15, 0.4) * size,
+                                   rng.uniform(0, np.pi), soft=1.0))
+    return (m > 0.5).astype(np.float32)
 
 
 def _u8(a: np.ndarray) -> np.ndarray:
@@ -290,6 +361,7 @@ def write_feedback_folder(path: str | os.PathLike, n: int, seed: int = 0, size: 
                           fused_per_pair: int = 1,
                           split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
                           degradations: Sequence[str] = DEGRADATIONS,
+                          pairs: str | os.PathLike | None = None, masked_fraction: float = 0.0,
                           overwrite: bool = False) -> Path:
     """Writes a SYNTHETIC human-feedback dataset in the folder layout of ``feedback_data``.
 
@@ -304,6 +376,10 @@ def write_feedback_folder(path: str | os.PathLike, n: int, seed: int = 0, size: 
 
     ``degradations`` (a subset of ``DEGRADATIONS``) switches the others off (their scores are
     then constantly 5, so their PLCC/SRCC are NaN), for an easier, more controlled set.
+    ``pairs``: a folder of REAL pairs (``ir/``, ``vi/``): scenes are crops of them instead of
+    procedural scenes (module docstring). ``masked_fraction``: that fraction of the fused images
+    is also written masked (``PPPPP_K_masked.png``, same scores; module docstring), in the
+    same split as its source.
     Splits: the first round(f_train * pairs) pairs are "train", the next round(f_dev * pairs)
     "dev", the rest "test". Sample (pair p, version k) depends only on (seed, p, k), so a smaller
     ``n`` gives a prefix of a larger one (apart from the split, which depends on ``n``).
@@ -326,8 +402,10 @@ def write_feedback_folder(path: str | os.PathLike, n: int, seed: int = 0, size: 
             (tmp / sub).mkdir()
         lines = []
         done = 0
+        real = read_pairs(pairs) if pairs else None
         for p in range(n_pairs):
-            scene = make_scene(np.random.default_rng([seed, p]), size, size)
+            scene = (make_scene(np.random.default_rng([seed, p]), size, size) if real is None
+                     else _real_scene(real, np.random.default_rng([seed, p]), size))
             pname = f"{p:05d}.png"
             Image.fromarray(_u8(scene["ir"]), "L").save(tmp / "ir" / pname, compress_level=1)
             Image.fromarray(_u8(scene["vi"]), "RGB").save(tmp / "vi" / pname, compress_level=1)
@@ -345,6 +423,16 @@ def write_feedback_folder(path: str | os.PathLike, n: int, seed: int = 0, size: 
                 Image.fromarray(render_circles(circles, size, size), "L").save(
                     tmp / "heatmap" / fname, compress_level=1)
                 scores = score_rule(params)
+                if masked_fraction > 0 and rng.random() < masked_fraction:
+                    m = random_region_mask(rng, size)
+                    mname = f"{p:05d}_{k}_masked.png"
+                    Image.fromarray(_u8(fused * m), "L").save(tmp / "fused" / mname,
+                                                              compress_level=1)
+                    Image.fromarray(_u8(render_circles(circles, size, size) / 255.0 * m), "L").save(
+                        tmp / "heatmap" / mname, compress_level=1)
+                    lines.append({"fused": mname, "ir": pname, "vi": pname, "heatmap": mname,
+                                  "scores": {k2: round(v, 4) for k2, v in scores.items()},
+                                  "split": split, "synthetic": True, "masked": True})
                 lines.append({
                     "fused": fname, "ir": pname, "vi": pname, "heatmap": fname,
                     "scores": {k2: round(v, 4) for k2, v in scores.items()},

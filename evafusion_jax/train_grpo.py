@@ -89,10 +89,20 @@ def load_reward(cfg):
     if cfg.reward_kind == "contrast":
         return reward_fns.ContrastReward(), {}
     from evafusion_jax import reward_model
+    region_mode = str(cfg.get("region_reward", "masked"))
+    if region_mode not in reward_fns.REGION_MODES:
+        raise ConfigError(f"config.region_reward must be one of {reward_fns.REGION_MODES}, "
+                          f"got {region_mode!r}")
+    if region_mode == "composite" and cfg.objective == "grpo" and cfg.get("ratio") == "l1":
+        raise ConfigError("config.region_reward=composite pastes regions of SAMPLED fusions into "
+                          "the deterministic one; with ratio=l1 there are no samples and every "
+                          "region would get the same reward: use ratio=gaussian or "
+                          "region_reward=masked")
     params, cdict = checkpoints.load_params(cfg.reward_checkpoint, expected_kind="reward")
     rcfg = reward_model.RewardConfig.from_dict(cdict)
     fn = reward_fns.ModelReward(rcfg, weights, dtype=cfg.reward_dtype,
-                                released_preprocessing_bug=bool(cfg.released_preprocessing_bug))
+                                released_preprocessing_bug=bool(cfg.released_preprocessing_bug),
+                                region_mode=region_mode)
     if cfg.reward_dtype == "bfloat16":
         import jax.numpy as jnp
         params = jax.tree_util.tree_map(

@@ -254,7 +254,8 @@ def _train(cfg) -> dict:
     eval_src = _open(cfg, str(cfg.data.eval_split)) if cfg.data.eval_split else None
 
     params, model_cfg = load_initial_params(cfg)
-    trained, frozen = rt.split_params(params, bool(cfg.train_mixer))
+    train_backbone = bool(cfg.get("train_backbone", False))
+    trained, frozen = rt.split_params(params, bool(cfg.train_mixer), train_backbone)
     backbone_fp = tu.tree_fingerprint(params[rt.BACKBONE_KEY])
     frozen_fp = tu.tree_fingerprint(
         {k: v for k, v in frozen.items() if k != rt.BACKBONE_KEY}, {"backbone": backbone_fp})
@@ -270,7 +271,9 @@ def _train(cfg) -> dict:
     if cfg.max_steps >= 0:
         total_steps = min(total_steps, int(cfg.max_steps))
 
-    cached = bool(cfg.cache.enabled)
+    cached = bool(cfg.cache.enabled) and not train_backbone
+    if cfg.cache.enabled and train_backbone:
+        logger.info("config.train_backbone=True: the backbone changes, so no feature cache")
     if cached:
         splits = {str(cfg.data.train_split): train_src}
         if eval_src is not None:
@@ -320,7 +323,8 @@ def _train(cfg) -> dict:
     train_step = rt.make_train_step(model_cfg, optimizer, mesh,
                                     score_weight=float(cfg.score_weight),
                                     heatmap_weight=float(cfg.heatmap_weight),
-                                    debug_nan_at_step=int(cfg.debug_nan_at_step))
+                                    debug_nan_at_step=int(cfg.debug_nan_at_step),
+                                    train_backbone=train_backbone)
     writer = tu.MetricWriter(workdir / "logs", resume_step=step)
     writer.text(step, "config", "```\n" + str(cfg) + "\n```")
     last_eval: dict = {}

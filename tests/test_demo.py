@@ -46,6 +46,13 @@ def test_demo_writes_the_report_with_every_stage(report):
     assert np.isfinite(g["policy_reward_before"]) and np.isfinite(g["policy_reward_after"])
     assert g["policy_crops"] >= 2 and g["group_size"] == 8
     assert "DCEvo before GRPO" in md and "DCEvo after GRPO" in md
+    # the before/after numbers a script compares (benchmarks/demo_seeds.py)
+    assert g["region_reward"] == "masked"
+    ba = s["before_after"]
+    assert ba["policy_region_reward"] == {"before": g["policy_reward_before"],
+                                          "after": g["policy_reward_after"]}
+    assert ba["heldout_reward"] == {"before": s["heldout"]["before"]["reward"]["mean"],
+                                    "after": s["heldout"]["after"]["reward"]["mean"]}
 
 
 def test_demo_ran_each_training_stage(report):
@@ -107,3 +114,26 @@ def test_pairs_folder_without_partner_files_is_an_error(tmp_path, caplog):
     assert demo.main(["--out", str(tmp_path / "out"), "--pairs", str(pairs)]) == 2
     assert "a.png" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_demo_on_real_pairs_builds_feedback_from_them(tmp_path):
+    """--pairs: pairs resized to --pairs-side, the feedback set made of crops of the TRAINING
+    pairs, GRPO on them, the held-out pairs evaluated (here stand-in pairs of another size)."""
+    from evafusion_jax import synthetic
+    pairs = synthetic.write_pairs_folder(tmp_path / "pairs", 5, 72, 96, seed=9)
+    out = tmp_path / "report"
+    assert demo.main(["--out", str(out), "--pairs", str(pairs), "--pairs-side", "48"]
+                     + SMALL[:2] + SMALL[6:]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert not s["synthetic_pairs"] and s["heldout"]["after"]["reward"]["n"] == 1
+    data = out / "work" / "data"
+    from PIL import Image
+    assert Image.open(data / "pairs_train" / "ir" / "00000.png").size == (64, 48)
+    assert len(list((data / "pairs_train" / "ir").iterdir())) == 4
+    assert (data / "pairs_test" / "ir" / "00004.png").is_file()
+    fb = [json.loads(x) for x in (data / "feedback_SYNTHETIC" / "scores.jsonl").read_text()
+          .splitlines()]
+    assert len(fb) == 40
+    assert all(np.isfinite(v) for k in ("policy_region_reward", "heldout_reward")
+               for v in s["before_after"][k].values())

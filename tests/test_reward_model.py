@@ -124,9 +124,14 @@ def test_preprocess_gray_resize_normalise():
     assert pix.shape == (1, 32, 32, 3)
     np.testing.assert_allclose(pix, 0.5, atol=1e-6)  # (0.75 - 0.5) / 0.5
     ramp = jnp.linspace(0, 1, 64).reshape(1, 1, 64, 1) * jnp.ones((1, 64, 1, 1))
-    pix = rm.preprocess(ramp, cfg)  # 2x bilinear downsampling without antialiasing averages pairs
-    expected = (np.linspace(0, 1, 64).reshape(32, 2).mean(1) - 0.5) / 0.5
-    np.testing.assert_allclose(pix[0, 0, :, 0], expected, atol=1e-6)
+    pix = rm.preprocess(ramp, cfg)  # 2x downsampling with PIL's bilinear (triangle) filter
+    from PIL import Image
+    expected = np.asarray(Image.fromarray(np.asarray(ramp[0, ..., 0]), "F").resize(
+        (32, 32), Image.BILINEAR))[0]
+    np.testing.assert_allclose(pix[0, 0, :, 0], (expected - 0.5) / 0.5, atol=1e-6)
+    # in the interior a linear ramp is still the mean of each pair of pixels
+    pairs = (np.linspace(0, 1, 64).reshape(32, 2).mean(1) - 0.5) / 0.5
+    np.testing.assert_allclose(pix[0, 0, 1:-1, 0], pairs[1:-1], atol=1e-6)
     with pytest.raises(ValueError, match="1 or 3 channels"):
         rm.preprocess(jnp.zeros((1, 8, 8, 2)), cfg)
 

@@ -134,3 +134,32 @@ def test_degradation_subset_switches_others_off():
     assert s["Texture Preservation"] == s["Artifacts"] == 5.0
     with pytest.raises(ValueError, match="unknown degradation"):
         syn.sample_degradation(0, 64, degradations=("sharpen",))
+
+
+def test_feedback_from_real_pairs_and_masked_examples(tmp_path):
+    # "real" pairs: any ir/ vi/ folder (here written by write_pairs_folder at another size)
+    pairs = syn.write_pairs_folder(tmp_path / "pairs", 3, 40, 56, seed=5)
+    a = syn.write_feedback_folder(tmp_path / "a", 16, seed=2, size=24, fused_per_pair=2,
+                                  pairs=pairs, masked_fraction=0.5)
+    lines = [json.loads(x) for x in (a / "scores.jsonl").read_text().splitlines()]
+    masked = [ln for ln in lines if ln.get("masked")]
+    plain = {ln["fused"]: ln for ln in lines if not ln.get("masked")}
+    assert len(plain) == 16 and 0 < len(masked) < 16
+    outside = []
+    for ln in masked:  # same scores as its source image, black outside the region
+        src = plain[ln["fused"].replace("_masked", "")]
+        assert ln["scores"] == src["scores"] and ln["split"] == src["split"]
+        m = np.asarray(Image.open(a / "fused" / ln["fused"]), np.float32)
+        f = np.asarray(Image.open(a / "fused" / src["fused"]), np.float32)
+        out = m == 0
+        assert out.mean() < 1 and np.all((m == f) | out)
+        outside.append(out.mean())
+    assert max(outside) > 0.1
+    # the scenes are crops of the real pairs: their IR images are not procedural ones
+    ir = np.asarray(Image.open(a / "ir" / "00000.png"), np.float32) / 255
+    assert ir.shape == (24, 24)
+    sc = syn.scene_from_pair(ir, ir)
+    np.testing.assert_allclose(sc["ir_background"] + sc["ir_targets"], ir, atol=1e-6)
+    assert sc["ir_targets"].min() >= 0
+    src = fd.open_split(a, "train", validate="full")
+    assert len(src) > 0
