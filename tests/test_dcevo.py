@@ -186,3 +186,26 @@ def test_config_round_trip_and_validation():
     with pytest.raises(TypeError, match="DCEvoConfig"):
         dcevo.fuse({}, np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 4, 4, 1), np.float32),
                    {"dim": 8})
+
+
+@pytest.mark.parametrize("k,padding,batch", [(3, 1, 2), (3, 0, 3), (5, 1, 1), (3, 3, 2),
+                                             (3, 1, dcevo._DW_UNROLL_BATCH + 1)])
+def test_depthwise_conv_matches_lax_conv_and_its_gradients(k, padding, batch):
+    """depthwise_conv (custom VJP) == grouped lax.conv in value, input and kernel gradient."""
+    rng = np.random.default_rng(k * 10 + padding + batch)
+    x = jnp.asarray(rng.standard_normal((batch, 9, 7, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, 6)), jnp.float32)
+    ct_shape = (batch, 9 + 2 * padding - k + 1, 7 + 2 * padding - k + 1, 6)
+    ct = jnp.asarray(rng.standard_normal(ct_shape), jnp.float32)
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w[:, :, None], (1, 1), [(padding, padding)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6,
+            precision=jax.lax.Precision.HIGHEST)
+
+    got, got_vjp = jax.vjp(lambda x, w: dcevo.depthwise_conv(x, w, padding), x, w)
+    want, want_vjp = jax.vjp(ref, x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_vjp(ct), want_vjp(ct)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
