@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from evafusion_jax import checkpoints, dcevo, fuse, image_io
+from evafusion_jax import dcevo, fuse, image_io
 
 
 def _boundary_band(h, w, tile, overlap, band=8):

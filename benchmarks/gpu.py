@@ -30,7 +30,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, reward_model, vit

@@ -54,6 +54,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evafusion_jax import fileio
 from evafusion_jax.fileio import commit_dir, staging_dir
 
 log = logging.getLogger("evafusion_jax.demo")
@@ -662,22 +663,9 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
             "heldout_reward": {"before": summ["before"]["reward"]["mean"],
                                "after": summ["after"]["reward"]["mean"]}},
     }
-    (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+    (out / "summary.json").write_text(json.dumps(fileio.json_safe(summary), indent=2))
     return summary
 
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ----------------------------------------------------------------------------- driver
@@ -800,7 +788,7 @@ def run(args) -> dict:
         summary = write_report(tmp, args, data, reward, fusion, grpo_res, ev, timings)
         timings["report"] = time.perf_counter() - t
         summary["timings_s"] = timings
-        (tmp / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+        (tmp / "summary.json").write_text(json.dumps(fileio.json_safe(summary), indent=2))
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -226,16 +226,6 @@ def format_markdown(summary, columns: Sequence[str], show_std: bool = False) -> 
     return "\n".join(lines) + "\n\n" + CONVENTIONS + "\n"
 
 
-def _json_safe(x):
-    """NaN/inf -> None, so the JSON file is standard JSON."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buf = io.StringIO()
@@ -257,7 +247,7 @@ def write_results(out_dir, rows: Sequence[dict], summary, columns: Sequence[str]
         (tmp / "metrics.csv").write_text(_csv_text(header, (
             [m] + [stats[c][s] for c in columns for s in ("mean", "std", "n")] for m, stats in summary.items())))
         doc = {"conventions": CONVENTIONS, "columns": list(columns), "methods": summary, **(extra or {})}
-        (tmp / "metrics.json").write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False))
+        (tmp / "metrics.json").write_text(json.dumps(fileio.json_safe(doc), indent=2, allow_nan=False))
         (tmp / "per_image.csv").write_text(_csv_text(["method", "image"] + list(columns), (
             [r["method"], r["image"]] + [r[c] for c in columns] for r in rows)))
         fileio.commit_dir(tmp, out_dir)

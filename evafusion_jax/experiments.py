@@ -331,7 +331,7 @@ def run_unit(cfg, init: dict, variant: str, seed: int | None, out: Path) -> dict
               "per_image": {k: v["rows"] for k, v in sets.items()},
               "train_final_metrics": train_metrics, "seconds": time.perf_counter() - start}
     with fileio.atomic_path(done) as tmp:
-        Path(tmp).write_text(json.dumps(_json_safe(result), indent=2))
+        Path(tmp).write_text(json.dumps(fileio.json_safe(result), indent=2))
     return result
 
 
@@ -478,25 +478,12 @@ def write_tables(cfg, out: Path, results: Sequence[dict], init: dict) -> dict:
            "tables": {title: [v for _, v in rows] for title, rows in TABLES},
            "init": init, "conventions": evaluate.CONVENTIONS}
     with fileio.atomic_path(out / "ablation.json") as tmp:
-        Path(tmp).write_text(json.dumps(_json_safe(doc), indent=2))
+        Path(tmp).write_text(json.dumps(fileio.json_safe(doc), indent=2))
     with fileio.atomic_path(out / "ablation.png") as tmp:
         plot_chart(agg, sets, [m.strip() for m in cfg.eval.chart_metrics.split(",") if m.strip()],
                    Path(tmp))
     return doc
 
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ----------------------------------------------------------------------------- driver

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -204,3 +205,19 @@ def write_durable(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
     fsync_dir(path.parent)
     return path
+
+
+def json_safe(x):
+    """``x`` with every value standard JSON can hold: dict keys as strings, tuples as lists,
+    paths as strings, NumPy scalars as Python numbers and NaN/inf as ``None``."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if hasattr(x, "item") and getattr(x, "shape", None) == ():  # NumPy / JAX scalars
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x

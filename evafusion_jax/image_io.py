@@ -115,15 +115,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _decode_size(path: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            img.load()  # decodes every pixel: a truncated or corrupt file fails here
-            w, h = img.size
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ImageReadError(f"cannot read image {path!r}: {e}") from e
-    return h, w
+    return image_size(path, decode=True)
 
 
 def check_images(paths, decode: bool = True, workers: int | None = None,
@@ -171,11 +163,14 @@ def size_mismatches(groups, sizes: dict) -> list[str]:
     return out
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image from its header, without decoding the pixels."""
+def image_size(path: str | os.PathLike, decode: bool = False) -> tuple[int, int]:
+    """``(height, width)`` of an image from its header, without decoding the pixels; with
+    ``decode=True`` every pixel is decoded, so that a truncated or corrupt file fails here."""
     path = str(path)
     try:
         with Image.open(path) as img:
+            if decode:
+                img.load()
             w, h = img.size
     except FileNotFoundError:
         raise
