@@ -188,25 +188,24 @@ def test_ctrl_c_and_sigterm_say_interrupted_and_remove_the_staging_folder(tmp_pa
     from pathlib import Path
 
     from evafusion_jax import synthetic
-    data = synthetic.write_pairs_folder(tmp_path / "data", 40, 48, 48, 0)
+    data = synthetic.write_pairs_folder(tmp_path / "data", 120, 48, 48, 0)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     procs = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one at a time: the other cannot finish meanwhile
         parent = tmp_path / f"p{int(sig)}"
         parent.mkdir()
-        procs[sig] = (parent, subprocess.Popen(
+        p = subprocess.Popen(
             [sys.executable, "-m", "evafusion_jax.fuse", "--init-random", "tiny", "--pairs", str(data),
              "--out", str(parent / "out"), "--bucket", "1", "--quiet"],
-            env=env, stderr=subprocess.PIPE, text=True))
-    deadline = time.time() + 300
-    for sig, (parent, p) in procs.items():
+            env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
         while not any(parent.glob(".out.tmp-*")) and p.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert p.poll() is None, p.stderr.read()[-2000:]
         p.send_signal(sig)
-    for sig, (parent, p) in procs.items():
-        _, err = p.communicate(timeout=300)
+        procs[sig] = (parent, p, p.communicate(timeout=300)[1])
+    for sig, (parent, p, err) in procs.items():
         assert p.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
         assert "interrupted" in err and "Traceback" not in err
         assert list(parent.iterdir()) == []
