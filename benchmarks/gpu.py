@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, reward_model, vit
+from timing import median_seconds
 
 # device_kind substring -> (bfloat16, tf32) dense tensor-core TFLOP/s (vendor data sheets).
 PEAKS = {
@@ -61,15 +62,6 @@ def _flops(compiled) -> float | None:
     f = (ca or {}).get("flops")
     return float(f) if f else None
 
-
-def _time(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _compile(fn, *args):
@@ -110,14 +102,14 @@ def part_reward(args, rec, peak):
     s, b = rcfg.vit.image_size, args.batch
     x = jax.random.uniform(jax.random.PRNGKey(0), (b, s, s, 3), minval=-1, maxval=1)
     c, cs = _compile(lambda p, x: reward_model.apply(p, x, x, x, rcfg), p, x)
-    t = _time(lambda: c(p, x), args.repeats)
+    t = median_seconds(lambda: c(p, x), args.repeats)
     f = _flops(c)
     rec["reward_forward"] = dict(batch=b, image=s, compile_s=round(cs, 1), step_s=round(t, 4),
                                  per_sample_ms=round(t / b * 1e3, 2),
                                  gflop_per_sample=f and round(f / b / 1e9, 3), mfu=_mfu(f, t, peak))
     tok = jax.random.normal(jax.random.PRNGKey(1), (b, rcfg.vit.num_patches, rcfg.vit.hidden_size))
     c, cs = _compile(lambda p, t: reward_model.head(p, t, t, t, rcfg), p, tok)
-    t = _time(lambda: c(p, tok), args.repeats)
+    t = median_seconds(lambda: c(p, tok), args.repeats)
     f = _flops(c)
     rec["head_on_cached_tokens"] = dict(batch=b, compile_s=round(cs, 1), step_s=round(t, 4),
                                         per_sample_ms=round(t / b * 1e3, 2),
@@ -157,7 +149,7 @@ def part_grpo(args, rec, peak):
     t0 = time.perf_counter()
     jax.block_until_ready(one())
     first = time.perf_counter() - t0
-    t = _time(one, args.repeats)
+    t = median_seconds(one, args.repeats)
     floor = flops / (peak * 1e12) if flops and peak else None
     rec["grpo_step"] = dict(batch=b, regions=k, group_size=4, crop=c, n_devices=jax.device_count(),
                             first_call_s=round(first, 1), step_s=round(t, 4),
@@ -176,7 +168,7 @@ def part_fuse(args, rec, peak):
         ir = jax.random.uniform(jax.random.PRNGKey(0), (b, h, w, 1))
         vi = jax.random.uniform(jax.random.PRNGKey(1), (b, h, w, 1))
         c, cs = _compile(lambda p, a, v: dcevo.apply_model(p, a, v, dcfg)["fused"], p, ir, vi)
-        t = _time(lambda: c(p, ir, vi), args.repeats)
+        t = median_seconds(lambda: c(p, ir, vi), args.repeats)
         f = _flops(c)
         out[f"batch_{b}"] = dict(compile_s=round(cs, 1), step_s=round(t, 4),
                                  images_per_s=round(b / t, 2), mfu=_mfu(f, t, peak))

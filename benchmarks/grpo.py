@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, reward_model, vit
+from timing import median_seconds
 
 
 def _geometry(name: str):
@@ -46,16 +47,6 @@ def _geometry(name: str):
         raise SystemExit(f"unknown geometry {name!r}; use small or vit_l16_384")
     return rcfg, dcfg
 
-
-def _time(fn, repeats):
-    out = fn()
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main(argv=None):
@@ -91,7 +82,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         jax.block_until_ready(score(rparams, fused, batch["ir"], batch["vi"], batch["masks"]))
         compile_s = time.perf_counter() - t0
-        t_score = _time(lambda: score(rparams, fused, batch["ir"], batch["vi"], batch["masks"]),
+        t_score = median_seconds(lambda: score(rparams, fused, batch["ir"], batch["vi"], batch["masks"]),
                         args.repeats)
         rec = {"geometry": args.geometry, "dtype": args.dtype, "share_tokens": share,
                "batch": b, "regions": k, "crop": c, "device": str(jax.devices()[0].platform),
@@ -109,7 +100,7 @@ def main(argv=None):
             def one():
                 holder["s"], m = step(holder["s"], rp, sb)
                 return m["loss"]
-            rec["step_s"] = round(_time(one, args.repeats), 4)
+            rec["step_s"] = round(median_seconds(one, args.repeats), 4)
             per_step = b * k * (args.group_size if args.ratio == "gaussian" else 1)
             rec.update(ratio=args.ratio, group_size=args.group_size,
                        step_regions=per_step, step_regions_per_s=round(per_step / rec["step_s"], 2))
