@@ -81,6 +81,7 @@ RANKINGS_LOG = "rankings.jsonl"
 SESSION_FILE = "annotate_session.json"
 LOCK_FILE = ".annotate.lock"
 MAX_BODY = 1 << 20
+MAX_DRAIN = 64 << 20  # longer bodies are not read at all: the connection is closed
 MAX_CIRCLES = 200
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _WHO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@ -]{0,63}$")
@@ -622,11 +623,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _read_body(self):
+        """The POST body, or the RequestError (411/413) that answers it; an over-long body of up
+        to ``MAX_DRAIN`` bytes is read and dropped so that the client can read the 413."""
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return RequestError(411, "a POST needs a Content-Length header")
+        if 0 <= n <= MAX_BODY:
+            return self.rfile.read(n)
+        left = n if 0 < n <= MAX_DRAIN else 0
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+        return RequestError(413, f"request body of {n} bytes is over the {MAX_BODY}-byte limit")
+
     def _dispatch(self, method: str):
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
             body = None
+            if method == "POST":  # read (or, when too long, drain) the body before any answer:
+                body = self._read_body()  # answering first would break the client's pipe
             if self.local_only:  # a page of another site reaching us by DNS rebinding is refused
                 host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname
                 _require(host in ("127.0.0.1", "localhost", "::1"),
@@ -635,13 +655,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
                 _require(ctype == "application/json", "POST bodies must be sent as "
                          f"Content-Type: application/json (got {ctype or 'none'!r})", 415)
-                try:
-                    n = int(self.headers.get("Content-Length", ""))
-                except ValueError:
-                    raise RequestError(411, "a POST needs a Content-Length header") from None
-                _require(0 <= n <= MAX_BODY, f"request body of {n} bytes is over the "
-                         f"{MAX_BODY}-byte limit", 413)
-                body = self.rfile.read(n)
+                if isinstance(body, RequestError):
+                    raise body
             status, ctype, data = self.app.handle(method, url.path, query, body)
         except RequestError as e:
             status, ctype = e.status, "application/json"
