@@ -20,13 +20,15 @@ import json
 import jax
 import jax.numpy as jnp
 
-from evafusion_jax import dcevo, grpo_training as gt, reward_fns, reward_model
+from evafusion_jax.models import dcevo, reward_model
+from evafusion_jax.rl import rewards
+from evafusion_jax.train import grpo_training as gt
 
 
 def step_flops(objective: str, rcfg, dcfg, batch: int, crop: int, group: int, regions: int) -> float:
     hp = gt.TrainHParams(objective=objective, group_size=group)
     tx, _ = gt.make_optimizer(1e-4, 100)
-    rf = reward_fns.ModelReward(rcfg)
+    rf = rewards.ModelReward(rcfg)
     dparams = dcevo.param_shapes(dcfg)
     rparams = reward_model.param_shapes(rcfg)
     state = jax.eval_shape(lambda p: gt.create_train_state(p, tx, objective=objective), dparams)

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from scipy import ndimage
 
-from evafusion_jax import dcevo, fuse
+from evafusion_jax import fuse
+from evafusion_jax.models import dcevo
 
 
 def _images(h, w, seed=0):

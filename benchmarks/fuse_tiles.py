@@ -19,7 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from evafusion_jax import dcevo, fuse, image_io
+from evafusion_jax import fuse
+from evafusion_jax.data import image_io
+from evafusion_jax.models import dcevo
 
 
 def _boundary_band(h, w, tile, overlap, band=8):

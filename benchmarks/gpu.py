@@ -31,9 +31,12 @@ import time
 
 import jax
 import numpy as np
-
-from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, reward_model, vit
 from timing import median_seconds
+
+from evafusion_jax.models import dcevo, reward_model, vit
+from evafusion_jax.rl import rewards
+from evafusion_jax.train import grpo_training as gt
+from evafusion_jax.train import parallel
 
 # device_kind substring -> (bfloat16, tf32) dense tensor-core TFLOP/s (vendor data sheets).
 PEAKS = {
@@ -128,7 +131,7 @@ def part_grpo(args, rec, peak):
              "masks": (rng.random((b, k, c, c)) > 0.5).astype(np.float32),
              "valid": np.ones((b, k), bool)}
     mesh = parallel.data_mesh()
-    rf = reward_fns.ModelReward(rcfg, share_tokens=True, dtype=args.dtype)
+    rf = rewards.ModelReward(rcfg, share_tokens=True, dtype=args.dtype)
     hp = gt.TrainHParams(objective="grpo", ratio="gaussian", group_size=4)
     tx, _ = gt.make_optimizer(1e-4, 100)
     step = gt.make_train_step(hp, dcfg, tx, rf, mesh)

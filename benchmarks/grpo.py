@@ -27,9 +27,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, reward_model, vit
 from timing import median_seconds
+
+from evafusion_jax.models import dcevo, reward_model, vit
+from evafusion_jax.rl import rewards
+from evafusion_jax.train import grpo_training as gt
+from evafusion_jax.train import parallel
 
 
 def _geometry(name: str):
@@ -77,7 +80,7 @@ def main(argv=None):
     fused = jnp.asarray(rng.random((b, c, c, 1)), jnp.float32)
     mesh = parallel.data_mesh()
     for share in (True, False):
-        rf = reward_fns.ModelReward(rcfg, share_tokens=share, dtype=args.dtype)
+        rf = rewards.ModelReward(rcfg, share_tokens=share, dtype=args.dtype)
         score = jax.jit(rf.regions)
         t0 = time.perf_counter()
         jax.block_until_ready(score(rparams, fused, batch["ir"], batch["vi"], batch["masks"]))

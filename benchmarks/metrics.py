@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from evafusion_jax import evaluate, image_io, metrics
+from evafusion_jax import evaluate
+from evafusion_jax.data import image_io
+from evafusion_jax.eval import metrics
 
 
 def main():

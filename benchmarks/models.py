@@ -25,9 +25,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from evafusion_jax import dcevo
-from evafusion_jax import reward_model as rm
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax.models import dcevo
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.models.vit import ViTConfig
 
 
 def _flops(compiled) -> float:

@@ -29,10 +29,10 @@ import time
 import jax
 import numpy as np
 
-from evafusion_jax import parallel as par
-from evafusion_jax import reward_model as rm
-from evafusion_jax import reward_training as rt
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.models.vit import ViTConfig
+from evafusion_jax.train import parallel as par
+from evafusion_jax.train import reward_training as rt
 
 
 def geometry(name: str) -> rm.RewardConfig:

@@ -37,9 +37,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from evafusion_jax import dcevo
-from evafusion_jax import reward_model as rm
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax.models import dcevo
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.models.vit import ViTConfig
 
 VITS = {"b16_224": ViTConfig.vit_b16_224, "l16_384": ViTConfig.vit_l16_384,
         "tiny": lambda: ViTConfig.tiny(hidden_size=64, image_size=32, patch_size=16)}

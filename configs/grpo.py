@@ -13,7 +13,7 @@
 
 import ml_collections
 
-from evafusion_jax import grpo_input_pipeline
+from evafusion_jax.data import grpo_pairs
 
 
 def get_config():
@@ -85,8 +85,8 @@ def get_config():
     c.steps_per_epoch = -1          # -1: number of pairs // global batch size
     c.max_steps = -1                # > 0: train exactly this many steps (overrides epochs)
 
-    # Data: GRPO pairs + regions (grpo_input_pipeline); data.batch_size is the GLOBAL batch.
-    c.data = grpo_input_pipeline.default_config()
+    # Data: GRPO pairs + regions (grpo_pairs); data.batch_size is the GLOBAL batch.
+    c.data = grpo_pairs.default_config()
     c.data.batch_size = 2
 
     # Logs, checkpoints, export.

@@ -42,7 +42,7 @@ def get_config():
     cfg.generator.crop_n_points_downscale_factor = 1
     cfg.generator.min_mask_region_area = 0
 
-    # Parameters of the fallback sources (see evafusion_jax.regions).
+    # Parameters of the fallback sources (see evafusion_jax.data.regions).
     cfg.random_crops = ml_collections.ConfigDict({"min_frac": 0.1, "max_frac": 0.5})
     cfg.superpixels = ml_collections.ConfigDict({
         "method": "slic", "n_segments": 32, "compactness": 0.1, "felzenszwalb_scale": 100.0})

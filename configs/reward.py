@@ -34,7 +34,7 @@ def get_config():
     c.train_backbone = False      # the release keeps the backbone frozen; True trains it too
                                   # (for a random backbone, e.g. the demo's; disables the cache)
 
-    # Data (feedback_data layouts: datasets save_to_disk folder, parquet, plain folder).
+    # Data (feedback layouts: datasets save_to_disk folder, parquet, plain folder).
     c.data = ml_collections.ConfigDict()
     c.data.path = ""
     c.data.train_split = "train"

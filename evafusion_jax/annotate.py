@@ -16,7 +16,7 @@ Fused images are identified on the page only by opaque tokens (derived from a se
 ``FEEDBACK/annotate_session.json``) and are shown in a random order per annotator, so the page
 never reveals which method made an image.
 
-What is written to ``FEEDBACK`` (the folder layout of ``feedback_data``; ``train_reward
+What is written to ``FEEDBACK`` (the folder layout of ``feedback``; ``train_reward
 --config.data.path=FEEDBACK`` reads it as it is):
 
 * ``ir/``, ``vi/``, ``fused/<METHOD>/``: copies of the images that have a record;
@@ -64,8 +64,8 @@ from typing import Any
 
 import numpy as np
 
-from evafusion_jax import feedback_data as fd
-from evafusion_jax import fileio
+from evafusion_jax.data import feedback as fd
+from evafusion_jax.storage import fileio
 
 try:  # POSIX: a lock that also holds between server processes sharing one folder
     import fcntl
@@ -331,7 +331,8 @@ def load_predictions(checkpoint, ir_dir, vi_dir, methods: Mapping[str, Path], ro
 
     from PIL import Image
 
-    from evafusion_jax import image_io, score
+    from evafusion_jax import score
+    from evafusion_jax.data import image_io
 
     ck = str(Path(checkpoint).resolve())
     preds: dict[str, dict] = {}
@@ -414,7 +415,7 @@ class App:
         return self.store.token("img", kind, str(path))
 
     def size(self, path: Path) -> tuple[int, int]:
-        from evafusion_jax import image_io
+        from evafusion_jax.data import image_io
         if path not in self._sizes:
             self._sizes[path] = image_io.image_size(path)
         return self._sizes[path]
@@ -587,7 +588,7 @@ class App:
 
 @functools.lru_cache(maxsize=8)
 def _static(name: str) -> bytes:
-    return (importlib.resources.files("evafusion_jax") / "data" / name).read_bytes()
+    return (importlib.resources.files("evafusion_jax") / "resources" / name).read_bytes()
 
 
 @functools.lru_cache(maxsize=64)
@@ -595,7 +596,7 @@ def _png(path: str) -> bytes:
     """Any image the project reads (16-bit, TIFF, ...) as an 8-bit PNG a browser shows."""
     from PIL import Image
 
-    from evafusion_jax import image_io
+    from evafusion_jax.data import image_io
     arr = image_io.to_uint8(image_io.read_image(path))
     buf = io.BytesIO()
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
@@ -892,7 +893,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from evafusion_jax import checkpoints
+    from evafusion_jax.storage import checkpoints
 
     if args.report:
         try:

@@ -61,23 +61,23 @@ class Terminated(BaseException):
 # looked up in modules that are already imported, so the runner imports nothing heavy.
 _INPUT_ERRORS = (
     "evafusion_jax.cli:UsageError",
-    "evafusion_jax.checkpoints:CheckpointError",
-    "evafusion_jax.image_io:ImageReadError",
-    "evafusion_jax.image_io:PairingError",
-    "evafusion_jax.image_io:OutputFolderError",
+    "evafusion_jax.storage.checkpoints:CheckpointError",
+    "evafusion_jax.data.image_io:ImageReadError",
+    "evafusion_jax.data.image_io:PairingError",
+    "evafusion_jax.data.image_io:OutputFolderError",
     "evafusion_jax.fuse:FuseError",
     "evafusion_jax.evaluate:EvaluationError",
     "evafusion_jax.score:ScoreInputError",
-    "evafusion_jax.regions:RegionError",
-    "evafusion_jax.grpo_input_pipeline:PairDataError",
-    "evafusion_jax.feedback_data:FeedbackDataError",
+    "evafusion_jax.data.regions:RegionError",
+    "evafusion_jax.data.grpo_pairs:PairDataError",
+    "evafusion_jax.data.feedback:FeedbackDataError",
     "evafusion_jax.train_grpo:ConfigError",
     "evafusion_jax.train_reward:ConfigError",
     "evafusion_jax.demo:DemoError",
-    "convert.common:ConversionError",
+    "evafusion_jax.convert.common:ConversionError",
 )
-_NONFINITE = ("evafusion_jax.train_utils:NonFiniteLossError",)
-_BUSY = ("evafusion_jax.locks:WorkdirBusyError",)
+_NONFINITE = ("evafusion_jax.train.utils:NonFiniteLossError",)
+_BUSY = ("evafusion_jax.storage.locks:WorkdirBusyError",)
 # OS errors about a path the user named (a read-only or missing folder, a full disk, ...).
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EISDIR,
                 errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.EDQUOT, errno.ENOTEMPTY}

@@ -54,8 +54,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evafusion_jax import fileio
-from evafusion_jax.fileio import commit_dir, staging_dir
+from evafusion_jax.storage import fileio
+from evafusion_jax.storage.fileio import commit_dir, staging_dir
 
 log = logging.getLogger("evafusion_jax.demo")
 
@@ -74,7 +74,7 @@ class DemoError(ValueError):
 
 def demo_dcevo_config(**kw):
     """The DCEvo trained from scratch by the demo (``DCEvoConfig.tiny``: dim 8, one block of each kind)."""
-    from evafusion_jax import dcevo
+    from evafusion_jax.models import dcevo
     base = dict(dim=8, num_blocks=1, c2f_n=1, detail_layers=1, heads=2)
     base.update(kw)
     return dcevo.DCEvoConfig(**base)
@@ -88,8 +88,8 @@ def demo_reward_config(**kw):
     channel RMS norm, which maps a single channel to +-scale: fine for shape tests, but such
     heads cannot learn, so the demo uses smaller divisors.
     """
-    from evafusion_jax import reward_model as rm
-    from evafusion_jax.vit import ViTConfig
+    from evafusion_jax.models import reward_model as rm
+    from evafusion_jax.models.vit import ViTConfig
     base = dict(vit=ViTConfig.tiny(patch_size=4), deconv_channels=(16, 8),
                 score_conv_divisors=(1, 1, 2, 2, 4, 4))
     base.update(kw)
@@ -106,7 +106,7 @@ def _link_pairs(src: Path, names: Sequence[str], dst: Path, side: int = 0) -> Pa
     """``dst/ir``, ``dst/vi`` holding symlinks to ``src/ir/<name>``, ``src/vi/<name>``, or with
     ``side`` > 0 copies resized so that the shorter side is ``side`` pixels (``image_io.resize``;
     the output folder's work files, never the project)."""
-    from evafusion_jax import image_io
+    from evafusion_jax.data import image_io
     for sub in ("ir", "vi"):
         (dst / sub).mkdir(parents=True, exist_ok=True)
         for n in names:
@@ -127,19 +127,19 @@ def _link_pairs(src: Path, names: Sequence[str], dst: Path, side: int = 0) -> Pa
 
 
 def _grpo_base_config():
-    from evafusion_jax import train_utils as tu
+    from evafusion_jax.train import utils as tu
     return tu.parse_cli_config(["demo", "--config", tu.default_config_path("grpo.py")],
                                tu.default_config_path("grpo.py"))
 
 
 def _reward_base_config():
-    from evafusion_jax import train_utils as tu
+    from evafusion_jax.train import utils as tu
     return tu.parse_cli_config(["demo", "--config", tu.default_config_path("reward.py")],
                                tu.default_config_path("reward.py"))
 
 
 def _read_log(path: Path) -> list[dict]:
-    from evafusion_jax import train_utils as tu
+    from evafusion_jax.train import utils as tu
     return tu.read_jsonl(path) if path.is_file() else []
 
 
@@ -163,13 +163,13 @@ def stage_data(args, work: Path) -> dict:
     """Training / held-out pair folders and the feedback set."""
     from tqdm import tqdm
 
-    from evafusion_jax import grpo_input_pipeline, synthetic
+    from evafusion_jax.data import grpo_pairs, synthetic
     data = work / "data"
     data.mkdir(parents=True)
     out = {}
     with tqdm(total=3, desc="data", unit="set") as bar:
         if args.pairs:
-            names = grpo_input_pipeline.list_pairs(args.pairs)
+            names = grpo_pairs.list_pairs(args.pairs)
             n_test = min(args.test_pairs, max(len(names) // 5, 1))
             if len(names) - n_test < 1:
                 raise DemoError(f"--pairs {args.pairs} holds {len(names)} pair(s): need at least 2 "
@@ -190,7 +190,7 @@ def stage_data(args, work: Path) -> dict:
             out["test"] = synthetic.write_pairs_folder(data / "pairs_test", args.test_pairs,
                                                        args.size, args.size, seed=args.seed + 1000)
             bar.update(1)
-            out["pairs_kind"] = "SYNTHETIC procedural scenes (evafusion_jax.synthetic)"
+            out["pairs_kind"] = "SYNTHETIC procedural scenes (evafusion_jax.data.synthetic)"
         if not args.reward:
             # with --pairs: degraded fusions of crops of the TRAINING pairs (never the held-out)
             out["feedback"] = synthetic.write_feedback_folder(
@@ -199,8 +199,8 @@ def stage_data(args, work: Path) -> dict:
                 pairs=out["train"] if args.pairs else None,
                 masked_fraction=args.reward_masked_examples)
         bar.update(1)
-    out["num_train"] = len(grpo_input_pipeline.list_pairs(out["train"]))
-    out["num_test"] = len(grpo_input_pipeline.list_pairs(out["test"]))
+    out["num_train"] = len(grpo_pairs.list_pairs(out["train"]))
+    out["num_test"] = len(grpo_pairs.list_pairs(out["test"]))
     return out
 
 
@@ -208,8 +208,9 @@ def stage_reward(args, work: Path, data: dict) -> dict:
     """Trains the reward model (or takes ``--reward``); returns its checkpoint and metrics."""
     import jax
 
-    from evafusion_jax import checkpoints, train_reward
-    from evafusion_jax import reward_model as rm
+    from evafusion_jax import train_reward
+    from evafusion_jax.models import reward_model as rm
+    from evafusion_jax.storage import checkpoints
     if args.reward:
         _, cdict = checkpoints.load_params(args.reward, "reward")
         return {"checkpoint": Path(args.reward), "trained": False,
@@ -235,7 +236,7 @@ def stage_reward(args, work: Path, data: dict) -> dict:
     cfg.cache.dtype = "float32"
     cfg.batch_size = args.reward_batch
     cfg.eval_batch_size = 64
-    from evafusion_jax import feedback_data as fd
+    from evafusion_jax.data import feedback as fd
     n_train = len(fd.open_split(cfg.data.path, "train"))
     steps_per_epoch = max(n_train // cfg.batch_size, 1)
     epochs = max(-(-10 * args.steps // steps_per_epoch), 1)
@@ -276,7 +277,8 @@ def _grpo_data(cfg, args, data_dir: Path, region_source: str, cache_dir: Path | 
 
 def stage_fusion(args, work: Path, data: dict) -> dict:
     """Warm-up of a small DCEvo with the unsupervised fusion losses (or takes ``--dcevo``)."""
-    from evafusion_jax import checkpoints, train_grpo
+    from evafusion_jax import train_grpo
+    from evafusion_jax.storage import checkpoints
     if args.dcevo:
         checkpoints.load_params(args.dcevo, "dcevo")  # validates it
         return {"checkpoint": Path(args.dcevo), "trained": False}
@@ -305,7 +307,9 @@ def stage_fusion(args, work: Path, data: dict) -> dict:
 
 def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict:
     """Regions on the warm-up network's fused images, then GRPO against the reward model."""
-    from evafusion_jax import checkpoints, dcevo, precompute_regions, train_grpo
+    from evafusion_jax import precompute_regions, train_grpo
+    from evafusion_jax.models import dcevo
+    from evafusion_jax.storage import checkpoints
     params, cdict = checkpoints.load_params(fusion["checkpoint"], "dcevo")
     mcfg = dcevo.DCEvoConfig.from_dict(cdict)
     cache = work / "regions"
@@ -366,14 +370,16 @@ def _policy_region_reward(cfg, mcfg, params_by_tag: dict, max_batches: int = 8) 
 
     import jax.numpy as jnp
 
-    from evafusion_jax import grpo_input_pipeline, grpo_training, train_grpo
+    from evafusion_jax import train_grpo
+    from evafusion_jax.data import grpo_pairs
+    from evafusion_jax.train import grpo_training
     data_cfg = cfg.data.copy_and_resolve_references()
     data_cfg.shuffle = False
     data_cfg.num_epochs = 1
     data_cfg.drop_remainder = False
     batches = [{k: np.asarray(v) for k, v in b.items() if k in ("ir", "vi", "masks", "valid")}
                for b in itertools.islice(iter(
-                   grpo_input_pipeline.make_loader_from_config(data_cfg)), max_batches)]
+                   grpo_pairs.make_loader_from_config(data_cfg)), max_batches)]
     reward_fn, reward_params = train_grpo.load_reward(cfg)
     evaluate = grpo_training.make_eval_fn(mcfg, reward_fn)
     out = {"crops": int(sum(len(b["ir"]) for b in batches))}
@@ -393,8 +399,9 @@ def _score_fn(reward_ckpt):
     import jax
     import jax.numpy as jnp
 
-    from evafusion_jax import checkpoints, grpo
-    from evafusion_jax import reward_model as rm
+    from evafusion_jax.models import reward_model as rm
+    from evafusion_jax.rl import grpo
+    from evafusion_jax.storage import checkpoints
     params, cdict = checkpoints.load_params(reward_ckpt, "reward")
     config = rm.RewardConfig.from_dict(cdict)
     apply = jax.jit(lambda p, a, b, c: rm.apply(p, a, b, c, config))
@@ -413,7 +420,10 @@ def stage_evaluate(args, work: Path, data: dict, reward: dict, fusion: dict, grp
     """Fuses the held-out pairs before/after GRPO; metrics, reward scores, heatmaps."""
     from tqdm import tqdm
 
-    from evafusion_jax import checkpoints, dcevo, evaluate, fuse, image_io
+    from evafusion_jax import evaluate, fuse
+    from evafusion_jax.data import image_io
+    from evafusion_jax.models import dcevo
+    from evafusion_jax.storage import checkpoints
     folders = {}
     for tag, ck in (("before", fusion["checkpoint"]), ("after", grpo_res["checkpoint"])):
         params, cdict = checkpoints.load_params(ck, "dcevo")
@@ -536,7 +546,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_res: dict,
                  ev: dict, timings: dict) -> dict:
-    from evafusion_jax import metrics as metrics_lib
+    from evafusion_jax.eval import metrics as metrics_lib
     _plot_grid(ev["images"], out / "grid.png")
     _plot_curves(reward, fusion, grpo_res, out / "curves.png")
     synthetic_pairs = not args.pairs
@@ -545,7 +555,7 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
     if not args.reward:
         md.append("The human-feedback set is synthetic: procedural scenes whose five \"human\" "
                   "scores and artifact heatmaps follow a fixed rule of controlled degradations "
-                  "(`evafusion_jax.synthetic`); no real person rated anything. ")
+                  "(`evafusion_jax.data.synthetic`); no real person rated anything. ")
     md.append(f"Training / held-out pairs: {data['pairs_kind']}. The numbers show that the "
               "pipeline works end to end; they say nothing about the method's quality on real "
               "images.\n\n")
@@ -725,8 +735,8 @@ def _validate(args) -> None:
         if v and not Path(v).exists():
             raise DemoError(f"--{name} {v} does not exist")
     if args.pairs:
-        from evafusion_jax import grpo_input_pipeline
-        grpo_input_pipeline.list_pairs(args.pairs)  # raises PairDataError naming the problem
+        from evafusion_jax.data import grpo_pairs
+        grpo_pairs.list_pairs(args.pairs)  # raises PairDataError naming the problem
     if args.reward and args.vit:
         raise DemoError("--vit initialises a reward model to train; with --reward nothing is "
                         "trained: give one of them")
@@ -803,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("evafusion_jax").setLevel(logging.INFO)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train_utils"):
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from evafusion_jax import cli
 

@@ -17,9 +17,9 @@ reference evaluation code that reads files with OpenCV: ``--grey cvtcolor``
 (default) converts colour files bit-exactly as ``cv2.cvtColor(BGR2GRAY)``,
 ``--grey imread`` as ``cv2.imread(path, IMREAD_GRAYSCALE)`` (whose rule depends
 on the file format), ``--grey float`` with the exact BT.601 luma rounded half to
-even (see :func:`evafusion_jax.image_io.read_gray_levels`); ``--no-round`` keeps
+even (see :func:`evafusion_jax.data.image_io.read_gray_levels`); ``--no-round`` keeps
 the exact luma unrounded (e.g. for 16-bit inputs). Metrics are then computed as
-documented in :mod:`evafusion_jax.metrics` (A = infrared, B = visible; MI in
+documented in :mod:`evafusion_jax.eval.metrics` (A = infrared, B = visible; MI in
 nats; MI, SCD, VIF and SSIM are sums of the two source terms; CC and MSE means;
 PSNR both as ``PSNR_maxF`` and ``PSNR_unit``; SSIM with the Evaluator's range 2,
 NIQE as MATLAB; ``--metrics`` also accepts the variants ``SSIM_255`` and
@@ -51,7 +51,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from evafusion_jax import fileio, image_io, metrics
+from evafusion_jax.data import image_io
+from evafusion_jax.eval import metrics
+from evafusion_jax.storage import fileio
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +156,7 @@ def evaluate(tasks, names: Sequence[str] = metrics.METRIC_NAMES, workers: int | 
 def _jitted_reward_apply(config):
     import jax
 
-    from evafusion_jax import reward_model
+    from evafusion_jax.models import reward_model
     return jax.jit(lambda p, a, b, c: reward_model.apply(p, a, b, c, config)["scores"])
 
 
@@ -168,7 +170,8 @@ def reward_scores(checkpoint, tasks, batch_size: int = 8, progress: bool = True)
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from evafusion_jax import checkpoints, reward_model
+    from evafusion_jax.models import reward_model
+    from evafusion_jax.storage import checkpoints
 
     params, cfg_dict = checkpoints.load_params(checkpoint, "reward")
     config = reward_model.RewardConfig.from_dict(cfg_dict)
@@ -286,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from evafusion_jax import cli
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from evafusion_jax.metrics_nr import parameter_file
+    from evafusion_jax.eval.metrics_nr import parameter_file
 
     def body():
         methods = _parse_methods(args.fused)

@@ -18,7 +18,7 @@ Variants (``--config.variants``, comma-separated; :data:`VARIANTS`):
   (``weights.use_scores`` / ``weights.use_heatmap`` = False);
 * ``wo_sam``: random rectangular crops instead of SAM regions (``data.region_source=random_crops``);
 * ``dpo`` / ``ppo``: the policy-optimisation ablations (``objective=dpo|ppo``, see
-  :mod:`evafusion_jax.grpo_training`).
+  :mod:`evafusion_jax.train.grpo_training`).
 
 Everything else (steps, learning rate, group, crops) is ``config.train`` (configs/grpo.py fields)
 and is the same for all variants. Seeds change the data order and crops of fine-tuning
@@ -58,7 +58,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evafusion_jax import fileio
+from evafusion_jax.storage import fileio
 
 log = logging.getLogger("evafusion_jax.experiments")
 
@@ -194,7 +194,10 @@ def prepare_init(cfg, out: Path) -> dict:
 
     Done once per study (``out/init/init.json``); an incomplete ``out/init`` is rebuilt.
     """
-    from evafusion_jax import checkpoints, dcevo, demo, grpo_input_pipeline, precompute_regions
+    from evafusion_jax import demo, precompute_regions
+    from evafusion_jax.data import grpo_pairs
+    from evafusion_jax.models import dcevo
+    from evafusion_jax.storage import checkpoints
     root = out / "init"
     marker = root / "init.json"
     if marker.exists():
@@ -206,17 +209,17 @@ def prepare_init(cfg, out: Path) -> dict:
     if not d.train_dir:
         raise ExperimentError("config field data.train_dir is empty: set it to a folder of "
                               "fine-tuning pairs (ir/, vi/)")
-    grpo_input_pipeline.list_pairs(d.train_dir)  # PairDataError naming the problem
+    grpo_pairs.list_pairs(d.train_dir)  # PairDataError naming the problem
     extra = parse_eval_dirs(d.eval_dirs)
     for name, folder in extra.items():
-        grpo_input_pipeline.list_pairs(folder)
+        grpo_pairs.list_pairs(folder)
     if int(d.heldout) <= 0 and not extra:
         raise ExperimentError("nothing to evaluate: set data.heldout > 0 or data.eval_dirs")
     args = _demo_args(cfg)
     work = root / "work"
     data = demo.stage_data(args, work)
     if int(d.heldout) <= 0:  # every pair of train_dir fine-tunes; evaluation on eval_dirs only
-        names = grpo_input_pipeline.list_pairs(d.train_dir)
+        names = grpo_pairs.list_pairs(d.train_dir)
         if d.max_train_pairs > 0:
             names = names[:int(d.max_train_pairs)]
         shutil.rmtree(data["train"])
@@ -247,7 +250,7 @@ def prepare_init(cfg, out: Path) -> dict:
     if int(d.heldout) > 0:
         sets[d.train_name] = str(data["test"])
     for name, folder in extra.items():
-        names = grpo_input_pipeline.list_pairs(folder)
+        names = grpo_pairs.list_pairs(folder)
         if d.eval_max_pairs > 0 and len(names) > d.eval_max_pairs:
             folder = demo._link_pairs(folder, names[:int(d.eval_max_pairs)], work / "eval" / name)
         sets[name] = str(Path(folder).absolute())
@@ -255,7 +258,7 @@ def prepare_init(cfg, out: Path) -> dict:
             "train": str(data["train"]), "regions": str(work / "regions"), "eval_sets": sets,
             "reward_trained": bool(reward["trained"]), "dcevo_trained": bool(fusion["trained"]),
             "pairs_kind": data.get("pairs_kind", ""),
-            "num_train": len(grpo_input_pipeline.list_pairs(data["train"]))}
+            "num_train": len(grpo_pairs.list_pairs(data["train"]))}
     with fileio.atomic_path(marker) as tmp:
         Path(tmp).write_text(json.dumps(info, indent=2))
     return info
@@ -310,7 +313,9 @@ def evaluate_params(cfg, init: dict, params, mcfg, name: str, udir: Path) -> dic
 
 def run_unit(cfg, init: dict, variant: str, seed: int | None, out: Path) -> dict:
     """Trains (unless ``baseline``) and evaluates one (variant, seed); returns its result."""
-    from evafusion_jax import checkpoints, dcevo, train_grpo
+    from evafusion_jax import train_grpo
+    from evafusion_jax.models import dcevo
+    from evafusion_jax.storage import checkpoints
     udir = unit_dir(out, variant, seed)
     done = udir / "result.json"
     if done.exists():
@@ -387,7 +392,7 @@ def format_tables(agg: dict, sets: Sequence[str], table_metrics: Sequence[str],
                   all_metrics: Sequence[str], n_seeds: int | None = None) -> tuple[str, list[list]]:
     """The two tables in the paper's layout (cells ``CC / PSNR``), the full metric tables,
     and the long-format CSV rows. ``n_seeds``: cells over fewer seeds are marked ``(n=k)``."""
-    from evafusion_jax import metrics as metrics_lib
+    from evafusion_jax.eval import metrics as metrics_lib
     md = []
     csv_rows = []
     for title, rows in TABLES:
@@ -537,19 +542,20 @@ def _use_compilation_cache(path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from evafusion_jax import checkpoints, demo, feedback_data, grpo_input_pipeline, regions
-    from evafusion_jax import train_grpo
-    from evafusion_jax import train_utils as tu
+    from evafusion_jax import demo, train_grpo
+    from evafusion_jax.data import feedback, grpo_pairs, regions
+    from evafusion_jax.storage import checkpoints
+    from evafusion_jax.train import utils as tu
     argv = list(sys.argv if argv is None else argv)
     cfg = tu.parse_cli_config(argv, tu.default_config_path("experiments.py"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train_utils"):
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run(cfg)
-    except (ExperimentError, demo.DemoError, train_grpo.ConfigError, grpo_input_pipeline.PairDataError,
-            feedback_data.FeedbackDataError, checkpoints.CheckpointError, regions.RegionError) as e:
+    except (ExperimentError, demo.DemoError, train_grpo.ConfigError, grpo_pairs.PairDataError,
+            feedback.FeedbackDataError, checkpoints.CheckpointError, regions.RegionError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -12,7 +12,7 @@ Behaviour:
 * Any size; the result has the size of the inputs (never resized). Both images
   of a pair must have the same size, unless ``--resize-to ir|vi`` resamples the
   other side (bicubic) to that side's size.
-* 8- and 16-bit, grey, RGB, RGBA and palette files (see :mod:`evafusion_jax.image_io`).
+* 8- and 16-bit, grey, RGB, RGBA and palette files (see :mod:`evafusion_jax.data.image_io`).
 * Colour: when the visible image is colour (its channels differ), its Y
   channel (full-range BT.601, as the DCEvo release's ``tocolor.py``) is fused
   with the infrared luma and the visible CbCr are kept; the output is RGB.
@@ -50,7 +50,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evafusion_jax import cli, fileio, image_io
+from evafusion_jax import cli
+from evafusion_jax.data import image_io
+from evafusion_jax.storage import fileio
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,11 @@ def load_model(checkpoint: str | None = None, init_random: str | None = None, se
     """
     import jax
 
-    from evafusion_jax import dcevo
+    from evafusion_jax.models import dcevo
     if (checkpoint is None) == (init_random is None):
         raise FuseError("give exactly one of a checkpoint (--checkpoint CKPT) or --init-random tiny|full")
     if checkpoint is not None:
-        from evafusion_jax import checkpoints
+        from evafusion_jax.storage import checkpoints
         params, config_dict = checkpoints.load_params(checkpoint, "dcevo")
         return params, dcevo.DCEvoConfig.from_dict(config_dict)
     if init_random == "tiny":
@@ -170,7 +172,7 @@ class Fuser:
 
     def _run(self, ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
         """``dcevo.fuse`` on ``(n, H, W, 1)`` arrays, padded to ``batch_size`` (one shape per bucket)."""
-        from evafusion_jax import dcevo
+        from evafusion_jax.models import dcevo
         n = ir.shape[0]
         if n < self.batch_size:  # keep one compiled shape per bucket
             ir = np.concatenate([ir, np.repeat(ir[-1:], self.batch_size - n, axis=0)])

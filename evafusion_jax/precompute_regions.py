@@ -14,7 +14,7 @@ default; needs ``--dcevo``), the visible image (``vi``, its colours are kept for
 SAM) or the infrared one (``ir``). Sources: ``sam`` (segment_anything's
 ``SamAutomaticMaskGenerator``; K masks kept by area, ties by stability score, see
 ``regions.select_sam_masks``), ``random_crops``, ``grid``, ``superpixels``.
-The cache layout is described in :mod:`evafusion_jax.regions`.
+The cache layout is described in :mod:`evafusion_jax.data.regions`.
 
 Resuming: an existing cache made with the same parameters is completed (images
 already there are skipped; an image whose ir/vi files changed since its masks were
@@ -40,9 +40,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from evafusion_jax import grpo_input_pipeline as pipeline
-from evafusion_jax import regions as regions_lib
-from evafusion_jax.regions import RegionError
+from evafusion_jax.data import grpo_pairs as pipeline
+from evafusion_jax.data import regions as regions_lib
+from evafusion_jax.data.regions import RegionError
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,13 @@ def build_tiny_sam(seed: int = 0):
     ``--sam-checkpoint`` with ``--sam-model-type tiny``.
     """
     import torch
-    from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
-                                           TwoWayTransformer)
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     with torch.random.fork_rng(devices=[]):  # leaves the global torch RNG untouched
         torch.manual_seed(seed)
@@ -175,13 +180,13 @@ def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _load_dcevo(dcevo_checkpoint, dcevo_params, dcevo_config):
-    from evafusion_jax import dcevo
+    from evafusion_jax.models import dcevo
 
     if dcevo_params is None:
         if not dcevo_checkpoint:
             raise RegionError("image='fused' needs the initial DCEvo: pass --dcevo CKPT (an Orbax "
                               "checkpoint of kind 'dcevo') or choose --image vi / --image ir")
-        from evafusion_jax import checkpoints
+        from evafusion_jax.storage import checkpoints
 
         dcevo_params, cfg_dict = checkpoints.load_params(dcevo_checkpoint, "dcevo")
         dcevo_config = dcevo.DCEvoConfig.from_dict(cfg_dict)
@@ -319,7 +324,7 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
         raise RegionError(f"num_regions must be >= 1, got {num_regions}")
     cache_dir = Path(cache_dir)
     data = pipeline.PairDataSource(data_dir, names)
-    from evafusion_jax import image_io
+    from evafusion_jax.data import image_io
     try:  # decode every image now: a truncated file is found before any work
         image_io.check_images([Path(data_dir) / r / n for n in data.names for r in ("ir", "vi")])
     except image_io.ImageReadError as e:
@@ -374,7 +379,7 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
         raise RegionError(f"region source parameters are not JSON-serialisable: {e}") from e
     index = _prepare_cache_dir(cache_dir, desc, num_regions, overwrite)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    from evafusion_jax import fileio
+    from evafusion_jax.storage import fileio
     fileio.remove_stale_temporaries(cache_dir)
     fileio.remove_stale_temporaries(cache_dir / regions_lib.MASKS_DIR)
     index["data_dir"] = str(Path(data_dir).absolute())
@@ -410,7 +415,7 @@ def _make_compute(source, image, k, data, desc, sam_model, sam_model_type, sam_c
     def load_gray(i):
         name = data.names[i]
         if image == "fused":
-            from evafusion_jax import dcevo
+            from evafusion_jax.models import dcevo
 
             rec = data[i]
             fused = dcevo.fuse(dcevo_params, rec["ir"][None, ..., None],
@@ -478,7 +483,7 @@ def _split_config_args(argv: Sequence[str], default_cfg: str) -> tuple[list[str]
 
 def parse_args(argv: Sequence[str]):
     """Returns the resolved ``ml_collections`` config of a command line."""
-    from evafusion_jax import train_utils
+    from evafusion_jax.train import utils as train_utils
 
     default_cfg = train_utils.default_config_path("regions.py")
     cfg_args, rest = _split_config_args(argv, str(default_cfg))

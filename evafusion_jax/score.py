@@ -42,7 +42,7 @@ class ScoreInputError(ValueError):
 
 def match_sources(fused_dir, ir_dir, vi_dir) -> list[tuple[Path, Path, Path]]:
     """``[(fused, ir, vi)]`` for every image in ``fused_dir``, sources matched by stem."""
-    from evafusion_jax import image_io
+    from evafusion_jax.data import image_io
 
     fused = image_io.list_images(fused_dir)
     if not fused:
@@ -70,7 +70,7 @@ def match_sources(fused_dir, ir_dir, vi_dir) -> list[tuple[Path, Path, Path]]:
 
 def _read(path: Path) -> np.ndarray:
     """[0, 1] float image (H, W, C) of ``path``."""
-    from evafusion_jax import image_io
+    from evafusion_jax.data import image_io
     try:
         return image_io.read_image(path)
     except Exception as e:  # noqa: BLE001 - reported with the file name
@@ -108,11 +108,12 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
     from PIL import Image
     from tqdm import tqdm
 
-    from evafusion_jax import checkpoints, fileio, image_io
-    from evafusion_jax import feedback_data as fd
-    from evafusion_jax import parallel as par
-    from evafusion_jax import reward_model as rm
-    from evafusion_jax import reward_training as rt
+    from evafusion_jax.data import feedback as fd
+    from evafusion_jax.data import image_io
+    from evafusion_jax.models import reward_model as rm
+    from evafusion_jax.storage import checkpoints, fileio
+    from evafusion_jax.train import parallel as par
+    from evafusion_jax.train import reward_training as rt
 
     if batch_size < 1:
         raise ScoreInputError(f"--batch_size must be >= 1, got {batch_size}")

@@ -33,10 +33,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from evafusion_jax import checkpoints, cli, dcevo, grpo, grpo_input_pipeline, locks, parallel
-from evafusion_jax import reward_fns
-from evafusion_jax import grpo_training as gt
-from evafusion_jax import train_utils as tu
+from evafusion_jax import cli
+from evafusion_jax.data import grpo_pairs
+from evafusion_jax.models import dcevo
+from evafusion_jax.rl import grpo, rewards
+from evafusion_jax.storage import checkpoints, locks
+from evafusion_jax.train import grpo_training as gt
+from evafusion_jax.train import parallel
+from evafusion_jax.train import utils as tu
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ def _validate(cfg) -> None:
     if cfg.objective in gt.REWARD_OBJECTIVES and cfg.reward_kind == "model" and not cfg.reward_checkpoint:
         raise ConfigError(f"objective {cfg.objective!r} with reward_kind='model' needs "
                           "--config.reward_checkpoint=<reward checkpoint folder> (convert the released "
-                          "model with python -m convert.reward_from_torch, or train one with "
+                          "model with python -m evafusion_jax.convert.reward_from_torch, or train one with "
                           "train_reward); or use --config.reward_kind=contrast for a smoke test")
     if cfg.reward_kind not in ("model", "contrast"):
         raise ConfigError(f"config field reward_kind={cfg.reward_kind!r}; use 'model' or 'contrast'")
@@ -87,11 +91,11 @@ def load_reward(cfg):
     if cfg.objective == "fusion":
         return None, {}
     if cfg.reward_kind == "contrast":
-        return reward_fns.ContrastReward(), {}
-    from evafusion_jax import reward_model
+        return rewards.ContrastReward(), {}
+    from evafusion_jax.models import reward_model
     region_mode = str(cfg.get("region_reward", "masked"))
-    if region_mode not in reward_fns.REGION_MODES:
-        raise ConfigError(f"config.region_reward must be one of {reward_fns.REGION_MODES}, "
+    if region_mode not in rewards.REGION_MODES:
+        raise ConfigError(f"config.region_reward must be one of {rewards.REGION_MODES}, "
                           f"got {region_mode!r}")
     if region_mode == "composite" and cfg.objective == "grpo" and cfg.get("ratio") == "l1":
         raise ConfigError("config.region_reward=composite pastes regions of SAMPLED fusions into "
@@ -100,7 +104,7 @@ def load_reward(cfg):
                           "region_reward=masked")
     params, cdict = checkpoints.load_params(cfg.reward_checkpoint, expected_kind="reward")
     rcfg = reward_model.RewardConfig.from_dict(cdict)
-    fn = reward_fns.ModelReward(rcfg, weights, dtype=cfg.reward_dtype,
+    fn = rewards.ModelReward(rcfg, weights, dtype=cfg.reward_dtype,
                                 released_preprocessing_bug=bool(cfg.released_preprocessing_bug),
                                 region_mode=region_mode)
     if cfg.reward_dtype == "bfloat16":
@@ -150,7 +154,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
     dcfg = cfg.data.copy_and_resolve_references()
     dcfg.batch_size = per_host
     dcfg.num_epochs = None  # repeat; the run stops after total_steps
-    num_pairs = len(grpo_input_pipeline.list_pairs(cfg.data.data_dir))
+    num_pairs = len(grpo_pairs.list_pairs(cfg.data.data_dir))
     if cfg.max_steps and cfg.max_steps > 0:
         total = int(cfg.max_steps)
     else:
@@ -160,7 +164,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
     tx, schedule = gt.make_optimizer(cfg.learning_rate, total, cfg.end_learning_rate,
                                      cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip_norm)
     state = gt.create_train_state(params, tx, objective=hp.objective)
-    loader = grpo_input_pipeline.make_loader_from_config(dcfg)
+    loader = grpo_pairs.make_loader_from_config(dcfg)
     data_it = iter(loader)
 
     ckpt = tu.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
@@ -233,7 +237,9 @@ def export(cfg, params, mcfg: dcevo.DCEvoConfig, workdir: Path) -> None:
                                                          "objective": cfg.objective})
     log.info("wrote %s", out)
     if cfg.export_pth:
-        from convert import dcevo_from_torch  # torch only on this export path
+        from evafusion_jax.convert import (
+            dcevo_from_torch,  # torch only on this export path
+        )
         dcevo_from_torch.export_file(out, cfg.export_pth, overwrite=True)
         log.info("wrote %s", cfg.export_pth)
 

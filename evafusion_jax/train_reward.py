@@ -19,16 +19,16 @@ import logging
 import sys
 from pathlib import Path
 
-
 import jax
 import numpy as np
 
-from evafusion_jax import checkpoints, cli, locks
-from evafusion_jax import parallel as par
-from evafusion_jax import reward_model as rm
-from evafusion_jax import reward_training as rt
-from evafusion_jax import train_utils as tu
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax import cli
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.models.vit import ViTConfig
+from evafusion_jax.storage import checkpoints, locks
+from evafusion_jax.train import parallel as par
+from evafusion_jax.train import reward_training as rt
+from evafusion_jax.train import utils as tu
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_initial_params(cfg) -> tuple[dict, rm.RewardConfig]:
 # ----------------------------------------------------------------------------- data
 
 def _open(cfg, split: str):
-    from evafusion_jax import feedback_data as fd
+    from evafusion_jax.data import feedback as fd
     if not cfg.data.path:
         raise ConfigError("config.data.path is empty: give the feedback dataset folder "
                           "(--config.data.path=...)")
@@ -133,7 +133,7 @@ def _identity(x):
 
 
 def _loader(cfg, source, batch_size, model_cfg, *, train: bool, cached: bool):
-    from evafusion_jax import feedback_data as fd
+    from evafusion_jax.data import feedback as fd
     v = model_cfg.vit
     kw = dict(image_size=v.image_size, mean=v.image_mean, std=v.image_std,
               worker_count=int(cfg.data.worker_count), read_threads=int(cfg.data.read_threads),

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from evafusion_jax import annotate as an
-from evafusion_jax import feedback_data as fd
+from evafusion_jax.data import feedback as fd
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -25,7 +25,7 @@ SCREENSHOT = REPO / "docs" / "annotate.png"
 
 def _inputs(root: Path, n: int = 3, size: int = 64) -> dict:
     """Synthetic IR/visible pairs and three 'methods' fusing them differently."""
-    from evafusion_jax import synthetic
+    from evafusion_jax.data import synthetic
     synthetic.write_pairs_folder(root / "src", n, size, size, seed=1)
     methods = {}
     for name in ("mean", "max", "noisy"):
@@ -245,8 +245,8 @@ def test_heatmap_to_circles():
 def test_review_prefills_model_annotations_and_records_changes(inputs, tmp_path):
     import jax
 
-    from evafusion_jax import checkpoints
-    from evafusion_jax import reward_model as rm
+    from evafusion_jax.models import reward_model as rm
+    from evafusion_jax.storage import checkpoints
     cfg = rm.RewardConfig.tiny()
     ck = checkpoints.save_params(tmp_path / "reward", rm.init_params(cfg, jax.random.PRNGKey(0)),
                                  cfg.to_dict(), "reward")

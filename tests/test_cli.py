@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from evafusion_jax import cli, evaluate, fuse, image_io, precompute_regions, score, synthetic
-from evafusion_jax import train_grpo, train_reward
-from evafusion_jax import train_utils as tu
+from evafusion_jax import (
+    cli,
+    evaluate,
+    fuse,
+    precompute_regions,
+    score,
+    train_grpo,
+    train_reward,
+)
+from evafusion_jax.data import image_io, synthetic
+from evafusion_jax.train import utils as tu
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,13 +8,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from convert.common import ConversionError
-from convert.dcevo_from_torch import (GROUPS, flax_path_to_torch_key, infer_config, main,
-                                      params_to_torch, torch_to_params)
-from evafusion_jax import checkpoints, dcevo
-from evafusion_jax.dcevo import DCEvoConfig
 from golden_utils import dcevo_checkpoint, load_manifest, load_npz, rel_l2
+
+from evafusion_jax.convert.common import ConversionError
+from evafusion_jax.convert.dcevo_from_torch import (
+    GROUPS,
+    flax_path_to_torch_key,
+    infer_config,
+    main,
+    params_to_torch,
+    torch_to_params,
+)
+from evafusion_jax.models import dcevo
+from evafusion_jax.models.dcevo import DCEvoConfig
+from evafusion_jax.storage import checkpoints
 
 TINY = DCEvoConfig.tiny()
 
@@ -43,7 +50,7 @@ def _save_pth(obj, path):
 
 
 def _flat(params):
-    from convert.common import flatten_tree
+    from evafusion_jax.convert.common import flatten_tree
 
     return flatten_tree(params)
 

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-from convert import reward_from_torch
-from convert.common import ConversionError
 from golden_utils import load_manifest, reward_state_dict
+
+from evafusion_jax.convert import reward_from_torch
+from evafusion_jax.convert.common import ConversionError
 
 VIT_CFG = dict(load_manifest("reward")["vit_config"], model_type="vit")
 

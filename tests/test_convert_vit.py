@@ -10,9 +10,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from convert.common import ConversionError  # noqa: E402
-from convert import vit_from_hf  # noqa: E402
-from evafusion_jax import checkpoints, vit  # noqa: E402
+from evafusion_jax.convert import vit_from_hf  # noqa: E402
+from evafusion_jax.convert.common import ConversionError  # noqa: E402
+from evafusion_jax.models import vit  # noqa: E402
+from evafusion_jax.storage import checkpoints
 
 CONFIGS = {
     "small_bias": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -1,4 +1,4 @@
-"""Tests of evafusion_jax.dcevo: golden parity with PyTorch DCEvo, batching, validation, dtypes."""
+"""Tests of evafusion_jax.models.dcevo: golden parity with PyTorch DCEvo, batching, validation, dtypes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from convert.dcevo_from_torch import torch_to_params
-from evafusion_jax import dcevo
-from evafusion_jax.dcevo import DCEvoConfig
 from golden_utils import dcevo_checkpoint, load_npz, rel_l2
+
+from evafusion_jax.convert.dcevo_from_torch import torch_to_params
+from evafusion_jax.models import dcevo
+from evafusion_jax.models.dcevo import DCEvoConfig
 
 TINY = DCEvoConfig.tiny()
 GOLDEN_KEYS = ("vi_base", "vi_detail", "fused_base", "fused_detail", "fused")

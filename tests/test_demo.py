@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from evafusion_jax import checkpoints, demo
-from evafusion_jax import train_utils as tu
+from evafusion_jax import demo
+from evafusion_jax.storage import checkpoints
+from evafusion_jax.train import utils as tu
 
 SMALL = ["--steps", "2", "--train-pairs", "4", "--test-pairs", "2", "--feedback", "40",
          "--size", "48", "--crop", "32", "--batch", "2", "--regions", "4"]
@@ -120,7 +121,7 @@ def test_pairs_folder_without_partner_files_is_an_error(tmp_path, caplog):
 def test_demo_on_real_pairs_builds_feedback_from_them(tmp_path):
     """--pairs: pairs resized to --pairs-side, the feedback set made of crops of the TRAINING
     pairs, GRPO on them, the held-out pairs evaluated (here stand-in pairs of another size)."""
-    from evafusion_jax import synthetic
+    from evafusion_jax.data import synthetic
     pairs = synthetic.write_pairs_folder(tmp_path / "pairs", 5, 72, 96, seed=9)
     out = tmp_path / "report"
     assert demo.main(["--out", str(out), "--pairs", str(pairs), "--pairs-side", "48"]

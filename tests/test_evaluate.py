@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from evafusion_jax import evaluate, image_io, metrics
+from evafusion_jax import evaluate
+from evafusion_jax.data import image_io
+from evafusion_jax.eval import metrics
 
 NAMES = ["EN", "SD", "MI", "SSIM", "CC", "PSNR_unit", "MSE", "VIF", "Qabf", "BRISQUE"]
 
@@ -93,12 +95,13 @@ def test_missing_and_mismatched_fused_files(dataset, tmp_path, capsys):
     assert evaluate.main(args + ["--out", str(tmp_path / "r3"), "--metrics", "FOO"]) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("evafusion_jax.reward_model") is None,
-                    reason="evafusion_jax.reward_model not available")
+@pytest.mark.skipif(importlib.util.find_spec("evafusion_jax.models.reward_model") is None,
+                    reason="evafusion_jax.models.reward_model not available")
 def test_reward_columns(dataset, tmp_path):
     import jax
 
-    from evafusion_jax import checkpoints, reward_model
+    from evafusion_jax.models import reward_model
+    from evafusion_jax.storage import checkpoints
     config = reward_model.RewardConfig.tiny()
     params = reward_model.init_params(config, jax.random.PRNGKey(0))
     ckpt = tmp_path / "reward"

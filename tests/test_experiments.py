@@ -8,8 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from evafusion_jax import checkpoints, demo, experiments, reward_model as rm, synthetic
-from evafusion_jax import train_utils as tu
+from evafusion_jax import demo, experiments
+from evafusion_jax.data import synthetic
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.storage import checkpoints
+from evafusion_jax.train import utils as tu
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,7 +22,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("study_assets")
     pairs = synthetic.write_pairs_folder(root / "pairs", 6, 48, 48, seed=0)
     dcfg = demo.demo_dcevo_config()
-    from evafusion_jax import dcevo
+    from evafusion_jax.models import dcevo
     dckpt = checkpoints.save_params(root / "dcevo", jax.tree_util.tree_map(
         np.asarray, dcevo.init_params(dcfg, jax.random.PRNGKey(0))), dcfg.to_dict(), "dcevo")
     rcfg = demo.demo_reward_config()

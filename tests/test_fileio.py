@@ -1,11 +1,11 @@
-"""evafusion_jax.fileio: atomic file and folder writes."""
+"""evafusion_jax.storage.fileio: atomic file and folder writes."""
 
 import os
 import stat
 
 import pytest
 
-from evafusion_jax import fileio
+from evafusion_jax.storage import fileio
 
 
 def _mode(p):

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evafusion_jax import checkpoints, dcevo, fuse, image_io
+from evafusion_jax import fuse
+from evafusion_jax.data import image_io
+from evafusion_jax.models import dcevo
+from evafusion_jax.storage import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,7 @@ def test_truncated_image_is_found_before_any_work_and_stale_staging_is_removed(t
     import subprocess
     import sys
 
-    from evafusion_jax import fileio
+    from evafusion_jax.storage import fileio
     data = tmp_path / "data"
     _write_pairs(data, np.random.default_rng(1))
     good = (data / "vi" / "b.png").read_bytes()
@@ -187,7 +190,7 @@ def test_ctrl_c_and_sigterm_say_interrupted_and_remove_the_staging_folder(tmp_pa
     import time
     from pathlib import Path
 
-    from evafusion_jax import synthetic
+    from evafusion_jax.data import synthetic
     data = synthetic.write_pairs_folder(tmp_path / "data", 120, 48, 48, 0)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")

@@ -1,11 +1,11 @@
-"""Released fusion losses against NumPy re-computations (evafusion_jax.fusion_losses)."""
+"""Released fusion losses against NumPy re-computations (evafusion_jax.rl.fusion_losses)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evafusion_jax import fusion_losses as fl
+from evafusion_jax.rl import fusion_losses as fl
 
 
 def _np_sobel(x):  # (H, W) cross-correlation with zero padding

@@ -1,11 +1,11 @@
-"""GRPO math against hand-computed values (evafusion_jax.grpo)."""
+"""GRPO math against hand-computed values (evafusion_jax.rl.grpo)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evafusion_jax import grpo
+from evafusion_jax.rl import grpo
 
 
 def test_group_advantages_hand_values_and_masking():

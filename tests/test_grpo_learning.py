@@ -5,7 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns, synthetic
+from evafusion_jax.data import synthetic
+from evafusion_jax.models import dcevo
+from evafusion_jax.rl import rewards
+from evafusion_jax.train import grpo_training as gt
+from evafusion_jax.train import parallel
 
 CFG = dcevo.DCEvoConfig.tiny()
 SIZE = 32
@@ -55,7 +59,7 @@ def _heldout_reward(rf, rparams, params_list):
 def test_grpo_steps_raise_the_heldout_reward():
     """Analytic reward (local contrast): 12 GRPO steps on 4 training pairs raise the reward of
     the fusion of 4 held-out pairs, every one of them (measured: +0.6% to +0.8% each)."""
-    rf = reward_fns.ContrastReward()
+    rf = rewards.ContrastReward()
     before, after = _heldout_reward(rf, {}, _train(rf, {}, 12, 2e-3))
     assert np.all(after > before), (before, after)
     assert float(np.mean(after)) > 1.003 * float(np.mean(before)), (before, after)

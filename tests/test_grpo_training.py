@@ -1,4 +1,4 @@
-"""GRPO / direct / fusion update steps (evafusion_jax.grpo_training): gradients, learning,
+"""GRPO / direct / fusion update steps (evafusion_jax.train.grpo_training): gradients, learning,
 data parallelism on 4 fake CPU devices and over 2 processes (jax.distributed)."""
 
 import os
@@ -13,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns
+from evafusion_jax.models import dcevo
+from evafusion_jax.rl import rewards
+from evafusion_jax.train import grpo_training as gt
+from evafusion_jax.train import parallel
 
 CFG = dcevo.DCEvoConfig.tiny()
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +37,7 @@ def _batch(seed=0, b=2, h=16, k=4):
 
 def _surrogate_grads(hp, params, old):
     batch = jax.tree_util.tree_map(jnp.asarray, _batch())
-    rf = reward_fns.ContrastReward()
+    rf = rewards.ContrastReward()
     state = {"old_params": old, "ref_params": params, "step": jnp.zeros((), jnp.int32)}
     g = jax.jit(jax.grad(lambda p: gt.loss_fn(p, state, {}, batch, hp=hp, model_config=CFG,
                                               reward_fn=rf)[0]))(params)
@@ -61,7 +64,7 @@ def test_sampled_group_gradient_is_nonzero_at_the_old_policy():
     assert sum(float(jnp.abs(x).sum()) for x in g) > 0
     batch = jax.tree_util.tree_map(jnp.asarray, _batch())
     state = {"old_params": params, "ref_params": params, "step": jnp.zeros((), jnp.int32)}
-    neg = reward_fns.ContrastReward(scale=-1.0)
+    neg = rewards.ContrastReward(scale=-1.0)
     g_neg = jax.tree_util.tree_leaves(jax.jit(jax.grad(
         lambda p: gt.loss_fn(p, state, {}, batch, hp=hp, model_config=CFG,
                              reward_fn=neg)[0]))(params))
@@ -71,7 +74,7 @@ def test_sampled_group_gradient_is_nonzero_at_the_old_policy():
 
 def _run(objective, steps, lag=None, **hp_kw):
     params = dcevo.init_params(CFG, jax.random.PRNGKey(1))
-    rf = reward_fns.ContrastReward()
+    rf = rewards.ContrastReward()
     hp = gt.TrainHParams(objective=objective, beta=0.01, reward_loss_weight=1.0,
                          fusion_loss_weight=0.0, decomp_loss_weight=0.0, pseudo_fusion_weight=0.0,
                          **hp_kw)
@@ -158,9 +161,11 @@ WORKER = textwrap.dedent('''
     objective = os.environ.get("GRPO_TEST_OBJECTIVE", "grpo")
     import jax
     if mode == "dist":
-        from evafusion_jax import parallel
+        from evafusion_jax.train import parallel
         parallel.maybe_initialize_distributed(f"127.0.0.1:{sys.argv[3]}", 2, int(sys.argv[4]))
-    from evafusion_jax import dcevo, grpo_training as gt, parallel, reward_fns
+    from evafusion_jax.models import dcevo
+    from evafusion_jax.train import grpo_training as gt, parallel
+    from evafusion_jax.rl import rewards
     sys.path.insert(0, sys.argv[-1])
     from test_grpo_training import _batch, CFG
     params = dcevo.init_params(CFG, jax.random.PRNGKey(3))
@@ -168,7 +173,7 @@ WORKER = textwrap.dedent('''
                          old_policy_interval=100)
     import optax
     tx, sched = optax.sgd(1e-2), None  # SGD: the comparison is not blurred by Adam's normalisation
-    rf = reward_fns.ContrastReward()
+    rf = rewards.ContrastReward()
     batches = [_batch(s, b=4) for s in range(3)]
 
     def run(mesh, local_rows):

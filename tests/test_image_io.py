@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evafusion_jax import image_io
+from evafusion_jax.data import image_io
 
 
 def _rng():

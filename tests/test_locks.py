@@ -1,4 +1,4 @@
-"""evafusion_jax.locks: a second run on a busy workdir refuses; a killed run's lock does not block."""
+"""evafusion_jax.storage.locks: a second run on a busy workdir refuses; a killed run's lock does not block."""
 
 import json
 import os
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from evafusion_jax import cli, fileio, locks, synthetic, train_grpo
+from evafusion_jax import cli, train_grpo
+from evafusion_jax.data import synthetic
+from evafusion_jax.storage import fileio, locks
 
 REPO = Path(__file__).resolve().parent.parent
 HOLD = ("import sys, time; from evafusion_jax import locks; "

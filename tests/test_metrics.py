@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from scipy.signal import convolve2d
 
-from evafusion_jax import metrics, metrics_nr
+from evafusion_jax.eval import metrics, metrics_nr
 
 
 def _smooth(seed, shape=(48, 56), sigma=2.0):

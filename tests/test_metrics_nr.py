@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evafusion_jax import image_io, metrics_nr
+from evafusion_jax.data import image_io
+from evafusion_jax.eval import metrics_nr
 
 GOLDEN = Path(__file__).parent / "golden" / "niqe"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,10 +1,10 @@
-"""Dtype / precision names of the model configs (evafusion_jax.numerics)."""
+"""Dtype / precision names of the model configs (evafusion_jax.models.numerics)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from evafusion_jax import dcevo, numerics, reward_model
+from evafusion_jax.models import dcevo, numerics, reward_model
 
 
 def test_names_resolve_and_both_configs_share_them():

@@ -1,4 +1,4 @@
-"""Tests for evafusion_jax.parallel (4 fake CPU devices in a subprocess, and 1 device here)."""
+"""Tests for evafusion_jax.train.parallel (4 fake CPU devices in a subprocess, and 1 device here)."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from evafusion_jax import parallel as par
+from evafusion_jax.train import parallel as par
 
 
 def _run(code: str, devices: int = 4, timeout: int = 180) -> str:
@@ -45,7 +45,7 @@ def test_maybe_initialize_distributed_incomplete_env(monkeypatch):
 def test_four_devices_equal_one_device():
     out = _run("""
         import jax, jax.numpy as jnp, numpy as np
-        from evafusion_jax import parallel as par
+        from evafusion_jax.train import parallel as par
         assert jax.device_count() == 4
         def step(w, batch):
             def loss(w):
@@ -88,7 +88,7 @@ _TWO_PROCESS_WORKER = """
 import os, sys
 pid, port, ckdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 import jax
-from evafusion_jax import parallel as par, train_utils as tu
+from evafusion_jax.train import parallel as par, utils as tu
 par.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, pid)
 import numpy as np, jax.numpy as jnp
 mesh = par.data_mesh()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evafusion_jax import grpo_input_pipeline as gp
 from evafusion_jax import precompute_regions as pr
-from evafusion_jax import regions
+from evafusion_jax.data import grpo_pairs as gp
+from evafusion_jax.data import regions
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("segment_anything")
@@ -101,7 +101,8 @@ def test_sam_cache_is_read_by_the_pipeline_and_resumed(tmp_path, tiny_sam, monke
 
 def test_cli_with_tiny_checkpoint_on_fused_images(tmp_path, tiny_sam, monkeypatch, capsys):
     """--sam-checkpoint (a tiny state dict) + --dcevo: the fused image is what SAM segments."""
-    from evafusion_jax import checkpoints, dcevo
+    from evafusion_jax.models import dcevo
+    from evafusion_jax.storage import checkpoints
 
     data = write_pairs(tmp_path / "d", n=2)
     ckpt = tmp_path / "tiny_sam.pth"
@@ -206,7 +207,7 @@ def test_changed_images_are_recomputed_and_refused_by_the_pipeline(tmp_path, cap
     import subprocess
     import sys
 
-    from evafusion_jax import fileio
+    from evafusion_jax.storage import fileio
     data = write_pairs(tmp_path / "d", n=3, size=(24, 32))
     cache = tmp_path / "c"
     kw = dict(source="superpixels", image="ir", num_regions=4, progress=False)

@@ -1,11 +1,11 @@
-"""Tests of evafusion_jax.regions: packing, the region sources and the region cache."""
+"""Tests of evafusion_jax.data.regions: packing, the region sources and the region cache."""
 
 import json
 
 import numpy as np
 import pytest
 
-from evafusion_jax import regions
+from evafusion_jax.data import regions
 
 
 def test_pack_unpack_round_trip_odd_width():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from evafusion_jax import reward_metrics as rmet
-from evafusion_jax.feedback_data import SCORE_TYPES
+from evafusion_jax.data.feedback import SCORE_TYPES
+from evafusion_jax.eval import reward_metrics as rmet
 
 # ------------------------------------------------------------------------------- scores
 

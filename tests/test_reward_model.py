@@ -1,14 +1,14 @@
-"""evafusion_jax.reward_model: golden parity with the released RAHF, both head layouts, API."""
+"""evafusion_jax.models.reward_model: golden parity with the released RAHF, both head layouts, API."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from convert.reward_from_torch import convert_state_dict
-from evafusion_jax import reward_model as rm
-from evafusion_jax import vit
 from golden_utils import load_manifest, load_npz, rel_l2, reward_state_dict
+
+from evafusion_jax.convert.reward_from_torch import convert_state_dict
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.models import vit
 
 VIT_CFG = dict(load_manifest("reward")["vit_config"], model_type="vit")
 
@@ -70,8 +70,8 @@ def test_golden_parity_single_head_layout(golden):
 
 def test_cli_conversion_through_torch_file(golden, tmp_path):
     torch = pytest.importorskip("torch")
-    from convert import reward_from_torch
-    from evafusion_jax import checkpoints
+    from evafusion_jax.convert import reward_from_torch
+    from evafusion_jax.storage import checkpoints
 
     sd, _, _, _, inputs, expected = golden
     src = tmp_path / "model_best.pt"
@@ -186,7 +186,7 @@ def test_bfloat16_reward_model_close_to_float32(tiny):
 
 def test_init_from_pretrained_vit_folder_and_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from convert import vit_from_hf
+    from evafusion_jax.convert import vit_from_hf
 
     hf = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64, image_size=32, patch_size=8)

@@ -1,4 +1,4 @@
-"""Tests for evafusion_jax.reward_training (pure functions, feature cache, data parallelism)."""
+"""Tests for evafusion_jax.train.reward_training (pure functions, feature cache, data parallelism)."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from evafusion_jax import parallel as par
-from evafusion_jax import reward_model as rm
-from evafusion_jax import reward_training as rt
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.train import parallel as par
+from evafusion_jax.train import reward_training as rt
 
 CFG = rm.RewardConfig.tiny()
 
@@ -101,12 +101,12 @@ def test_pixel_batch_equals_token_batch(params):
 
 
 def _write_data(tmp_path, n=12):
-    from evafusion_jax import synthetic
+    from evafusion_jax.data import synthetic
     return synthetic.write_feedback_folder(tmp_path / "data", n, seed=1, size=32)
 
 
 def test_feature_cache_build_reuse_invalidate(tmp_path, params):
-    from evafusion_jax import feedback_data as fd
+    from evafusion_jax.data import feedback as fd
     data = _write_data(tmp_path)
     src = fd.open_split(data, "train")
     root = tmp_path / "cache"
@@ -168,9 +168,10 @@ def test_evaluate_batches_perfect_prediction_metrics(params):
 def test_four_device_step_equals_one_device_step():
     code = textwrap.dedent("""
         import jax, numpy as np
-        from evafusion_jax import parallel as par, reward_model as rm, reward_training as rt
+        from evafusion_jax.train import parallel as par, reward_training as rt
+        from evafusion_jax.models import reward_model as rm
         assert jax.device_count() == 4
-        from evafusion_jax.vit import ViTConfig
+        from evafusion_jax.models.vit import ViTConfig
         # 8 channels before the score MLP: RewardConfig.tiny() ends with 1 channel, whose RMS norm
         # is a sign function with huge, rounding-sensitive gradients near 0.
         cfg = rm.RewardConfig.tiny(vit=ViTConfig.tiny(hidden_size=64),

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evafusion_jax import checkpoints, evaluate, image_io, reward_fns, score
-from evafusion_jax import feedback_data as fd
-from evafusion_jax import reward_model as rm
+from evafusion_jax import evaluate, score
+from evafusion_jax.data import feedback as fd
+from evafusion_jax.data import image_io
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.rl import rewards
+from evafusion_jax.storage import checkpoints
 
 H, W = 37, 53  # not the model's input size: every path resizes
 
@@ -55,7 +58,7 @@ def test_every_scoring_path_gives_the_same_scores(setup):
         assert ev[f"R_{k}"] == pytest.approx(v, abs=1e-6), k
 
     # the GRPO / direct reward function: whole image, and a whole-image region of a sample
-    fn = reward_fns.ModelReward(cfg)
+    fn = rewards.ModelReward(cfg)
     total, terms = jax.jit(fn.image)(params, f32["fused"], f32["ir"], f32["vi"])
     w = fn.weights
     assert float(terms["texture"][0]) / w.texture == pytest.approx(ref["Texture_Preservation"],
@@ -65,8 +68,8 @@ def test_every_scoring_path_gives_the_same_scores(setup):
     assert float(terms["sharpness"][0]) / w.sharpness == pytest.approx(ref["Sharpness"], abs=1e-6)
     assert float(terms["artifacts"][0]) / w.artifacts == pytest.approx(ref["Artifacts"], abs=1e-6)
     ones = jnp.ones((1, 2, H, W))
-    for mode in reward_fns.REGION_MODES:
-        fm = reward_fns.ModelReward(cfg, region_mode=mode)
+    for mode in rewards.REGION_MODES:
+        fm = rewards.ModelReward(cfg, region_mode=mode)
         r, _ = jax.jit(fm.sample_regions)(params, jnp.asarray(f32["fused"])[:, None], f32["ir"],
                                           f32["vi"], ones, jnp.zeros_like(f32["fused"]))
         np.testing.assert_allclose(np.asarray(r), float(total[0]), atol=1e-5, err_msg=mode)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from evafusion_jax import feedback_data as fd
-from evafusion_jax import synthetic as syn
+from evafusion_jax.data import feedback as fd
+from evafusion_jax.data import synthetic as syn
 
 
 def test_make_pair_shapes_range_determinism():

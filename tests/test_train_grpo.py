@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evafusion_jax import checkpoints, synthetic, train_grpo
-from evafusion_jax import train_utils as tu
+from evafusion_jax import train_grpo
+from evafusion_jax.data import synthetic
+from evafusion_jax.storage import checkpoints
+from evafusion_jax.train import utils as tu
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config.dcevo.dim=8", "--config.dcevo.num_blocks=1", "--config.dcevo.c2f_n=1",

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from evafusion_jax import checkpoints
 from evafusion_jax import train_reward as tr
-from evafusion_jax import train_utils as tu
+from evafusion_jax.storage import checkpoints
+from evafusion_jax.train import utils as tu
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "reward.py")
@@ -22,7 +22,7 @@ CONFIG = str(REPO / "configs" / "reward.py")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from evafusion_jax import synthetic
+    from evafusion_jax.data import synthetic
     root = tmp_path_factory.mktemp("fb")
     # 30 pairs -> 24 train, 3 dev, 3 test fused images of 32x32
     return synthetic.write_feedback_folder(root / "data", 30, seed=3, size=32)
@@ -123,7 +123,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path):
 
 def test_bad_inputs_are_clear(data, tmp_path):
     # A reward checkpoint of the tiny model, then a config naming another ViT size.
-    from evafusion_jax import reward_model as rm
+    from evafusion_jax.models import reward_model as rm
     cfg = rm.RewardConfig.tiny()
     params = rm.init_params(cfg, jax.random.PRNGKey(0))
     ck = checkpoints.save_params(tmp_path / "tiny_reward", params, cfg.to_dict(), "reward")
@@ -141,7 +141,7 @@ def test_bad_inputs_are_clear(data, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(data, broken)
     (broken / "scores.jsonl").unlink()
-    from evafusion_jax import feedback_data as fd
+    from evafusion_jax.data import feedback as fd
     with pytest.raises(fd.FeedbackDataError, match="scores.jsonl"):
         tr.train(tu.parse_cli_config(_args(broken, tmp_path / "w2"), CONFIG))
     assert tr.main(_args(broken, tmp_path / "w2")) == 2
@@ -158,7 +158,7 @@ def test_small_reward_model_learns_synthetic_scores(tmp_path):
     follows Thermal Retention). The mixing ViT is trained too (``train_mixer``) to give the small
     model more capacity; the cache makes each epoch cheap.
     """
-    from evafusion_jax import synthetic
+    from evafusion_jax.data import synthetic
     data = synthetic.write_feedback_folder(tmp_path / "data", 800, seed=0, size=32,
                                            degradations=("ir_loss",))
     w = tmp_path / "learn"

@@ -1,4 +1,4 @@
-"""Tests for evafusion_jax.train_utils."""
+"""Tests for evafusion_jax.train.utils."""
 
 import textwrap
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from evafusion_jax import train_utils as tu
+from evafusion_jax.train import utils as tu
 
 
 class _Source:

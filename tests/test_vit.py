@@ -1,11 +1,11 @@
-"""evafusion_jax.vit: configuration and shape checks (parity lives in test_convert_vit.py)."""
+"""evafusion_jax.models.vit: configuration and shape checks (parity lives in test_convert_vit.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evafusion_jax import vit
+from evafusion_jax.models import vit
 
 
 def test_config_round_trip_and_validation():

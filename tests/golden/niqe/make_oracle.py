@@ -90,7 +90,7 @@ def main():
     args = p.parse_args()
     import warnings
 
-    from evafusion_jax import image_io
+    from evafusion_jax.data import image_io
     warnings.simplefilter("ignore")  # BasicSR's NaN means of flat blocks, scipy.ndimage.filters
     niqe_mod = _load_basicsr_niqe(args.basicsr)
     calc = lambda g: float(niqe_mod.calculate_niqe(g.astype(np.float64), crop_border=0, input_order="HW"))

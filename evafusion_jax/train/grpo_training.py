@@ -62,7 +62,7 @@ gets the same samples whatever the number of devices or hosts, and a resumed run
 draws the same samples as an uninterrupted one.
 
 Data parallel: the step runs per device shard under ``jax.shard_map`` over the
-``"data"`` mesh axis (:mod:`evafusion_jax.parallel`). Each shard's loss is scaled
+``"data"`` mesh axis (:mod:`evafusion_jax.train.parallel`). Each shard's loss is scaled
 so that the ``psum`` of the shard gradients is the gradient of the global-batch
 loss: the GRPO surrogate is divided by the *global* number of valid (sample,)
 region entries, and per-pixel means by the number of shards. So the step on N
@@ -85,8 +85,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from evafusion_jax import dcevo, fusion_losses, grpo, parallel
-from evafusion_jax.grpo import PREFERENCE_UNITS
+from evafusion_jax.models import dcevo
+from evafusion_jax.rl import fusion_losses, grpo
+from evafusion_jax.rl.grpo import PREFERENCE_UNITS
+from evafusion_jax.train import parallel
 
 OBJECTIVES = ("grpo", "direct", "fusion", "dpo", "ppo")
 #: objectives that sample a group of fusions from the Gaussian policy and score them
@@ -486,7 +488,7 @@ def make_train_step(hp: TrainHParams, model_config: dcevo.DCEvoConfig,
     ``state`` and ``reward_params`` should be replicated on ``mesh``
     (:func:`parallel.replicate`) and ``batch`` sharded (:func:`parallel.shard_batch`);
     the global batch size must be a multiple of the number of devices. ``reward_fn`` is
-    needed by "grpo" and "direct" (see :mod:`evafusion_jax.reward_fns`).
+    needed by "grpo" and "direct" (see :mod:`evafusion_jax.rl.rewards`).
     """
     if hp.objective in REWARD_OBJECTIVES and reward_fn is None:
         raise ValueError(f"objective {hp.objective!r} needs a reward function")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m convert.reward_from_torch model_best.pt out/reward [--vit-config config.json] [--overwrite]
+    python -m evafusion_jax.convert.reward_from_torch model_best.pt out/reward [--vit-config config.json] [--overwrite]
 
 The state dict holds ``vit.*`` (backbone), ``vit_fusion.*`` (mixing ViT),
 ``projection.*``, ``heatmap_predictor.*`` and ``score_predictor.*``. The
@@ -30,12 +30,19 @@ from typing import Mapping
 
 import numpy as np
 
-from convert.common import (ConversionError, KeyReader, run_cli, conv, conv_transpose, linear,
-                            load_state_dict)
-from convert.vit_from_hf import vit_params_from_reader
-from evafusion_jax import checkpoints
-from evafusion_jax import reward_model as rm
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax.convert.common import (
+    ConversionError,
+    KeyReader,
+    conv,
+    conv_transpose,
+    linear,
+    load_state_dict,
+    run_cli,
+)
+from evafusion_jax.convert.vit_from_hf import vit_params_from_reader
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.models.vit import ViTConfig
+from evafusion_jax.storage import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +192,7 @@ def convert(checkpoint: str | Path, out: str | Path, vit_config_file: str | Path
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert.reward_from_torch", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m evafusion_jax.convert.reward_from_torch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="the released reward checkpoint (torch.save of the state dict)")
     ap.add_argument("out", help="output checkpoint folder")

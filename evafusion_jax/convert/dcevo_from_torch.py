@@ -4,15 +4,15 @@ The PyTorch file is a dict of four groups, ``DE_Encoder``, ``DE_Decoder``,
 ``LowFreqExtractor`` and ``HighFreqExtractor``, each the ``state_dict()`` of an
 ``nn.DataParallel`` module (keys prefixed with ``module.``; keys without the
 prefix are accepted too). Every tensor maps onto one leaf of the Flax tree of
-:mod:`evafusion_jax.dcevo`: a torch key ``a.b.0.c.weight`` becomes the path
+:mod:`evafusion_jax.models.dcevo`: a torch key ``a.b.0.c.weight`` becomes the path
 ``a/b_0/c/kernel`` (conv weights OIHW -> HWIO); biases and the attention
 ``temperature`` keep their shape. The conversion is strict: a missing key, an
 unexpected key, a wrong shape or a missing group is an error naming it.
 
 Usage::
 
-    python -m convert.dcevo_from_torch DCEvo_fusion.pth ckpts/dcevo [--config-json cfg.json] [--overwrite]
-    python -m convert.dcevo_from_torch --export ckpts/dcevo exported.pth [--overwrite]
+    python -m evafusion_jax.convert.dcevo_from_torch DCEvo_fusion.pth ckpts/dcevo [--config-json cfg.json] [--overwrite]
+    python -m evafusion_jax.convert.dcevo_from_torch --export ckpts/dcevo exported.pth [--overwrite]
 
 The second form writes our checkpoint back into a ``.pth`` that the original
 ``sleepnet.py`` modules (wrapped in ``nn.DataParallel``) load with
@@ -32,8 +32,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from convert.common import (ConversionError, KeyReader, flatten_tree, load_torch_file,
-                            run_cli)
+from evafusion_jax.convert.common import (
+    ConversionError,
+    KeyReader,
+    flatten_tree,
+    load_torch_file,
+    run_cli,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ def _to_torch(value: np.ndarray, path: str) -> np.ndarray:
 
 def _expected_tree(config) -> dict[str, dict[str, tuple[int, ...]]]:
     """``{group: {flax_path: shape}}`` of the model for ``config`` (shapes only, nothing computed)."""
-    from evafusion_jax import dcevo
+    from evafusion_jax.models import dcevo
 
     shapes = dcevo.param_shapes(config)
     out = {}
@@ -133,7 +138,7 @@ def _count_indices(keys, pattern: str) -> int:
 
 def infer_config(ckpt: Mapping[str, Mapping[str, Any]], source: str = "checkpoint"):
     """Reads the DCEvoConfig (dim, num_blocks, c2f_n, detail_layers, heads, ffn factor) off the tensor shapes."""
-    from evafusion_jax.dcevo import DCEvoConfig
+    from evafusion_jax.models.dcevo import DCEvoConfig
 
     _check_ckpt(ckpt, source)
     strip, prefixes = {}, {}
@@ -249,7 +254,7 @@ def _as_numpy(v):
 # ---- file-level entry points ---------------------------------------------------------------
 
 def _read_config_json(path: str | os.PathLike):
-    from evafusion_jax.dcevo import DCEvoConfig
+    from evafusion_jax.models.dcevo import DCEvoConfig
 
     p = Path(path)
     try:
@@ -269,7 +274,7 @@ def _read_config_json(path: str | os.PathLike):
 def convert_file(in_path: str | os.PathLike, out_dir: str | os.PathLike, config=None,
                  overwrite: bool = False) -> Path:
     """Reads a DCEvo ``.pth``, converts it (strictly) and writes an Orbax checkpoint of kind ``dcevo``."""
-    from evafusion_jax import checkpoints
+    from evafusion_jax.storage import checkpoints
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -297,9 +302,9 @@ def export_file(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
     """Writes our ``dcevo`` checkpoint back into a PyTorch ``.pth`` (four groups, ``module.`` keys)."""
     import torch
 
-    from evafusion_jax import checkpoints
-    from evafusion_jax.dcevo import DCEvoConfig
-    from evafusion_jax.fileio import atomic_path
+    from evafusion_jax.models.dcevo import DCEvoConfig
+    from evafusion_jax.storage import checkpoints
+    from evafusion_jax.storage.fileio import atomic_path
 
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
@@ -315,7 +320,7 @@ def export_file(ckpt_dir: str | os.PathLike, out_path: str | os.PathLike,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m convert.dcevo_from_torch",
+        prog="python -m evafusion_jax.convert.dcevo_from_torch",
         description="Convert DCEvo_fusion.pth to an evafusion_jax checkpoint folder "
                     "(or, with --export, a checkpoint folder back to a .pth).")
     parser.add_argument("src", help="DCEvo .pth file (or, with --export, a checkpoint folder)")

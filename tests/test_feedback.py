@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evafusion_jax import feedback_data as fd
-from evafusion_jax import synthetic
+from evafusion_jax.data import feedback as fd
+from evafusion_jax.data import synthetic
 
 SCORES = {"Thermal Retention": 4, "Texture Preservation": 3.5, "Artifacts": 2,
           "Sharpness": 5, "Overall Score": 1}
@@ -135,7 +135,7 @@ def test_record_contents_and_scores(synth_folder):
 
 
 def test_score_types_match_reward_model():
-    rm = pytest.importorskip("evafusion_jax.reward_model")
+    rm = pytest.importorskip("evafusion_jax.models.reward_model")
     assert tuple(rm.SCORE_TYPES) == fd.SCORE_TYPES
     assert tuple(rm.HEATMAP_TYPES) == fd.HEATMAP_TYPES
 
@@ -146,7 +146,9 @@ def test_preprocess_matches_released_processors():
     transformers = pytest.importorskip("transformers")
     tvt = pytest.importorskip("torchvision.transforms")
     try:  # transformers >= 5: the PIL backend; 4.x: ViTImageProcessor itself uses PIL
-        from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil as Proc
+        from transformers.models.vit.image_processing_pil_vit import (
+            ViTImageProcessorPil as Proc,
+        )
     except ImportError:
         Proc = transformers.ViTImageProcessor
     rng = np.random.default_rng(0)

@@ -25,7 +25,7 @@ share, and that the EVAFusion/DCEvo tables follow):
   around 10-20 dB) and :func:`psnr_unit` (``10 log10(255^2 / MSE_01)`` where
   ``MSE_01`` is the MSE of the images scaled to [0, 1]; the one behind the ~60 dB
   values in the EVAFusion tables).
-* No-reference NIQE and BRISQUE live in :mod:`evafusion_jax.metrics_nr` and are
+* No-reference NIQE and BRISQUE live in :mod:`evafusion_jax.eval.metrics_nr` and are
   re-exported here: the ``NIQE`` column is :func:`niqe_matlab` (MATLAB's ``niqe``,
   as BasicSR), ``NIQE_skvideo`` is :func:`niqe` (scikit-video's), ``BRISQUE`` is
   :func:`brisque` (the ``brisque`` package's, whose fitted parameters it uses).
@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 import numpy as np
 from scipy import ndimage
 
-from evafusion_jax.metrics_nr import brisque, niqe, niqe_matlab
+from evafusion_jax.eval.metrics_nr import brisque, niqe, niqe_matlab
 
 __all__ = [
     "entropy", "standard_deviation", "spatial_frequency", "average_gradient", "mutual_information",

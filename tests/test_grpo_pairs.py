@@ -1,4 +1,4 @@
-"""Tests of the GRPO training-pair pipeline (evafusion_jax.grpo_input_pipeline)."""
+"""Tests of the GRPO training-pair pipeline (evafusion_jax.data.grpo_pairs)."""
 
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evafusion_jax import grpo_input_pipeline as gp
-from evafusion_jax import regions
+from evafusion_jax.data import grpo_pairs as gp
+from evafusion_jax.data import regions
 
 
 def write_pairs(root, n=4, size=(40, 48), seed=0, colour_vi=True, levels=None):

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from evafusion_jax.fileio import atomic_path
+from evafusion_jax.storage.fileio import atomic_path
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"

@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax import numerics
-from evafusion_jax.init_utils import init_tree
+from evafusion_jax.models import numerics
+from evafusion_jax.models.init_utils import init_tree
 
 __all__ = [
     "DCEvoConfig",

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m convert.vit_from_hf path/to/vit-large-patch16-384 out/vit_l16_384 [--overwrite]
+    python -m evafusion_jax.convert.vit_from_hf path/to/vit-large-patch16-384 out/vit_l16_384 [--overwrite]
 
 The folder is what ``save_pretrained`` writes or a hub snapshot you downloaded
 yourself: ``config.json`` plus ``model.safetensors`` (read without torch) or
@@ -24,10 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.common import (ConversionError, KeyReader, conv, linear, load_state_dict,
-                            run_cli)
-from evafusion_jax import checkpoints
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax.convert.common import (
+    ConversionError,
+    KeyReader,
+    conv,
+    linear,
+    load_state_dict,
+    run_cli,
+)
+from evafusion_jax.models.vit import ViTConfig
+from evafusion_jax.storage import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +90,7 @@ def vit_params_from_reader(reader: KeyReader, config: ViTConfig, prefix: str,
 
 def vit_params_to_state_dict(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
     """Our ViT tree -> classic HF keys (the inverse of ``vit_params_from_reader``)."""
-    from convert.common import conv_back, linear_back
+    from evafusion_jax.convert.common import conv_back, linear_back
 
     sd = {}
     emb = params["embeddings"]
@@ -182,7 +188,7 @@ def convert(folder: str | Path, out: str | Path, overwrite: bool = False) -> Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert.vit_from_hf", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m evafusion_jax.convert.vit_from_hf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_folder", help="local Hugging Face ViT folder")
     ap.add_argument("out", help="output checkpoint folder")

@@ -96,7 +96,7 @@ root/scores.jsonl           one JSON object per line, one line per fused image:
               each is rendered as a filled disc of value 255 (pixel centres within r of (x, y));
               combined with a heatmap file by the pixel-wise maximum
   "split"     (optional) "train" | "dev" | "test"; if any line has it, every line must
-  "synthetic" (optional) true for generated data (evafusion_jax.synthetic writes it)
+  "synthetic" (optional) true for generated data (evafusion_jax.data.synthetic writes it)
   Other fields are ignored. No heatmap and no circles means "no artifacts" (an empty heatmap).
 Splits are taken from, in this order: the "split" fields; root/splits.json
 ({"train": [fused names], "dev": [...], "test": [...]}); otherwise a deterministic split by hash:

@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax import numerics
-from evafusion_jax import vit as vit_lib
-from evafusion_jax.init_utils import init_tree
-from evafusion_jax.vit import ViTConfig
+from evafusion_jax.models import numerics
+from evafusion_jax.models import vit as vit_lib
+from evafusion_jax.models.init_utils import init_tree
+from evafusion_jax.models.vit import ViTConfig
 
 SCORE_TYPES = ("Thermal_Retention", "Texture_Preservation", "Artifacts", "Sharpness", "Overall_Score")
 HEATMAP_TYPES = ("artifact_heatmap",)
@@ -285,7 +285,7 @@ def preprocess(images, config: RewardConfig):
     images are resized with PIL's bilinear filter to the ViT input size, then normalised with
     the ViT's mean and std (0.5 for the released model: [-1, 1]), as the released training did.
     Jittable and differentiable. Training reads 8-bit files and resizes them with PIL itself
-    (``feedback_data.preprocess_example``, bit-exact to the release); the two differ only by
+    (``feedback.preprocess_example``, bit-exact to the release); the two differ only by
     PIL's 8-bit rounding (README, "Preprocessing").
     """
     images = jnp.asarray(images)
@@ -350,7 +350,9 @@ def init_params(config: RewardConfig, rng, mixer_init: str = "random",
         raise ValueError(f"mixer_init must be 'random' or 'copy_backbone', got {mixer_init!r}")
     params = init_tree(param_shapes(config), rng, _leaf_init)
     if backbone is not None:
-        from convert.common import check_tree_shapes  # pure NumPy helper, no torch
+        from evafusion_jax.convert.common import (
+            check_tree_shapes,  # pure NumPy helper, no torch
+        )
 
         backbone = _to_dict(backbone)
         check_tree_shapes(params["vit"], backbone, "backbone ViT parameters vs reward config")
@@ -386,7 +388,7 @@ def stack_scores(scores: Mapping[str, jax.Array], config: RewardConfig) -> jax.A
 def init_from_pretrained_vit(path, rng, mixer_init: str = "random", **config_fields):
     """A new reward model whose backbone is a pretrained ViT.
 
-    ``path`` is either our converted ViT checkpoint (``python -m convert.vit_from_hf``)
+    ``path`` is either our converted ViT checkpoint (``python -m evafusion_jax.convert.vit_from_hf``)
     or a local Hugging Face ViT folder (``config.json`` + ``model.safetensors``; a
     ``pytorch_model.bin`` folder needs torch). ``config_fields`` override other
     :class:`RewardConfig` fields (heads, dtype, ...). Returns ``(params, config)``; the
@@ -395,14 +397,14 @@ def init_from_pretrained_vit(path, rng, mixer_init: str = "random", **config_fie
     """
     from pathlib import Path
 
-    from evafusion_jax import checkpoints
+    from evafusion_jax.storage import checkpoints
 
     path = Path(path)
     if (path / "params").is_dir():
         backbone, vit_dict = checkpoints.load_params(path, "vit")
         vit_config = ViTConfig.from_dict(vit_dict)
     else:
-        from convert.vit_from_hf import convert_state_dict, read_hf_folder
+        from evafusion_jax.convert.vit_from_hf import convert_state_dict, read_hf_folder
 
         vit_config, sd, weights = read_hf_folder(path)
         backbone, _ = convert_state_dict(sd, vit_config, weights)

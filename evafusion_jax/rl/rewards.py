@@ -51,7 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from evafusion_jax import fusion_losses, grpo
+from evafusion_jax.rl import fusion_losses, grpo
 
 REWARD_TERMS = ("texture", "thermal", "sharpness", "artifacts", "heatmap", "artifact_area")
 REGION_MODES = ("masked", "composite")
@@ -117,7 +117,7 @@ class ModelReward:
 
     def pixel_values(self, images: jax.Array) -> jax.Array:
         """[0, 1] NHWC images -> the reward model's input (resized RGB, normalised)."""
-        from evafusion_jax import reward_model
+        from evafusion_jax.models import reward_model
         pix = reward_model.preprocess(images, self.config)
         if self.released_preprocessing_bug:
             mean = jnp.asarray(self.config.vit.image_mean, jnp.float32)
@@ -140,7 +140,7 @@ class ModelReward:
         return grpo.aggregate_reward(out["scores"], out["heatmaps"], self.weights)
 
     def image(self, params, fused, ir, vi):
-        from evafusion_jax import reward_model
+        from evafusion_jax.models import reward_model
         p, cfg = self._params(params), self.model_config
         tok_ir = reward_model.encode(p, self.pixel_values(ir), cfg)
         tok_vi = reward_model.encode(p, self.pixel_values(vi), cfg)
@@ -150,7 +150,7 @@ class ModelReward:
 
     def _score_masked(self, params, masked, ir, vi):
         """Rewards of masked fused images (B, N, H, W, C) of each pair -> (B, N), terms."""
-        from evafusion_jax import reward_model
+        from evafusion_jax.models import reward_model
         p, cfg = self._params(params), self.model_config
         b, n = masked.shape[:2]
         if self.share_tokens:

@@ -529,7 +529,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keeps the records of ``path`` with ``step <= last_step`` (atomic rewrite)."""
     if not path.is_file():
         return
-    from evafusion_jax.fileio import atomic_path
+    from evafusion_jax.storage.fileio import atomic_path
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     keep = []
     for line in lines:
@@ -556,7 +556,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def default_config_path(name: str) -> str:
     """``configs/<name>`` of this repository (the folder next to the package)."""
-    here = Path(__file__).resolve().parent.parent / "configs" / name
+    here = Path(__file__).resolve().parents[2] / "configs" / name
     return str(here) if here.exists() else os.path.join("configs", name)
 
 

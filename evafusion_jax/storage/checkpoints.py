@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from evafusion_jax.fileio import commit_dir, staging_dir
+from evafusion_jax.storage.fileio import commit_dir, staging_dir
 
 FORMAT_VERSION = 1
 KINDS = ("dcevo", "vit", "reward")
@@ -107,7 +107,7 @@ def read_config(path: str | os.PathLike, expected_kind: str | None = None) -> di
     meta_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint folder (it does not exist or is a file)."
-                              " Convert a PyTorch checkpoint first with python -m convert.<name>.")
+                              " Convert a PyTorch checkpoint first with python -m evafusion_jax.convert.<name>.")
     if not meta_file.is_file() or not (path / "params").is_dir():
         raise CheckpointError(f"{path} is not a complete evafusion_jax checkpoint: it needs "
                               "config.json and params/ (was it written by an interrupted run?)")

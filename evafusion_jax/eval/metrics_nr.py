@@ -184,7 +184,7 @@ def niqe(image: np.ndarray) -> float:
 # ============================================================================ NIQE, MATLAB-compatible
 
 #: The pristine NIQE model of the original MATLAB release, as shipped in BasicSR (see data/README.md).
-NIQE_PARAMS_FILE = Path(__file__).with_name("data") / "niqe_pris_params.npz"
+NIQE_PARAMS_FILE = Path(__file__).resolve().parent.parent / "resources" / "niqe_pris_params.npz"
 _NIQE_BLOCK = 96
 _MATLAB_GAMMA = np.arange(0.2, 10.001, 0.001)
 _MATLAB_RGAM = special.gamma(2.0 / _MATLAB_GAMMA) ** 2 / (special.gamma(1.0 / _MATLAB_GAMMA)

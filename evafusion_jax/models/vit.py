@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax.init_utils import init_tree, truncated_normal
+from evafusion_jax.models.init_utils import init_tree, truncated_normal
 
 Dtype = Any
 

@@ -2,7 +2,7 @@
 
 EVAFusion fine-tunes DCEvo with a GRPO-style objective whose "group" is the set
 of SAM regions of one image pair. Two policies are supported (see
-:mod:`evafusion_jax.grpo_training`): the paper's deterministic F with the L1
+:mod:`evafusion_jax.train.grpo_training`): the paper's deterministic F with the L1
 region ratio, and (the default) the Gaussian policy N(F, sigma^2) with a group of
 G sampled fusions per pair and per-region likelihood ratios. Everything here is a pure ``jax.numpy``
 function of arrays (no models, no state), so it can be tested against

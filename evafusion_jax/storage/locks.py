@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from evafusion_jax.fileio import host_name, pid_alive
+from evafusion_jax.storage.fileio import host_name, pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Data folder layout: ``DATA/ir/<name>`` and ``DATA/vi/<name>`` with the same file
 names (PNG, JPEG, BMP, TIFF: anything Pillow reads). Images are read with
-``evafusion_jax.image_io`` as grayscale float32 in [0, 1]: 8-bit images are
+``evafusion_jax.data.image_io`` as grayscale float32 in [0, 1]: 8-bit images are
 divided by 255, 16-bit ones by 65535, and colour images are converted to their
 BT.601 luma ``Y = 0.299 R + 0.587 G + 0.114 B``.
 
@@ -56,8 +56,8 @@ from typing import Any, Mapping, Sequence
 import grain.python as grain
 import numpy as np
 
-from evafusion_jax import image_io
-from evafusion_jax import regions as regions_lib
+from evafusion_jax.data import image_io
+from evafusion_jax.data import regions as regions_lib
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,9 @@ whose key differs is rebuilt.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import logging
-
 import os
 import shutil
 import time
@@ -50,10 +48,10 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from evafusion_jax import parallel as par
-from evafusion_jax.fileio import commit_dir, staging_dir
-from evafusion_jax import reward_model as rm
-from evafusion_jax.train_utils import tree_fingerprint
+from evafusion_jax.models import reward_model as rm
+from evafusion_jax.storage.fileio import commit_dir, staging_dir
+from evafusion_jax.train import parallel as par
+from evafusion_jax.train.utils import tree_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +246,7 @@ def evaluate_batches(predict_fn: Callable, params: Any, batches: Iterable[Mappin
     ``avg_metric``) and adds ``loss/val`` = the training loss over the set.
     Batches may have any size (padded to the mesh size here).
     """
-    from evafusion_jax import reward_metrics
+    from evafusion_jax.eval import reward_metrics
 
     acc = reward_metrics.MetricAccumulator(seed=seed)
     n_dev = mesh.devices.size
@@ -318,7 +316,7 @@ class FeatureCacheSource:
 
     ``source[i]`` -> ``{"tok_ir", "tok_vi", "tok_fused": (N_tok, D) stored dtype,
     "heatmap": float32 (S, S), "scores": float32 (5,), "heatmap_empty": bool, "index": int32}``,
-    the same targets as ``feedback_data.preprocess_example``.
+    the same targets as ``feedback.preprocess_example``.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -371,7 +369,7 @@ def cache_identity(source: Any, backbone_params: Any, config: rm.RewardConfig,
         "compute_dtype": config.dtype, "precision": config.precision,
         "preprocessing": {"image_size": v.image_size, "mean": list(v.image_mean),
                           "std": list(v.image_std), "resize": "PIL bilinear, /255",
-                          "function": "feedback_data.preprocess_example"},
+                          "function": "feedback.preprocess_example"},
         "data": data_fingerprint(source, fingerprint),
         "dtype": dtype,
     }
@@ -392,7 +390,7 @@ def build_feature_cache(source: Any, backbone_params: Any, config: rm.RewardConf
     pair shared by several fused images) are encoded and stored once.
 
     Args:
-      source: a ``feedback_data.FeedbackSource`` (raw records).
+      source: a ``feedback.FeedbackSource`` (raw records).
       backbone_params: the backbone ViT params (``params["vit"]``).
       config: the reward-model config (the backbone architecture and preprocessing).
       cache_root: folder holding caches; one sub-folder per split.
@@ -404,7 +402,7 @@ def build_feature_cache(source: Any, backbone_params: Any, config: rm.RewardConf
         local devices.
       backbone_fingerprint: precomputed :func:`tree_fingerprint` of the backbone.
     """
-    from evafusion_jax import feedback_data as fd
+    from evafusion_jax.data import feedback as fd
 
     ident = cache_identity(source, backbone_params, config, dtype, fingerprint,
                            backbone_fingerprint)
