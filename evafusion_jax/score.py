@@ -44,28 +44,24 @@ def match_sources(fused_dir, ir_dir, vi_dir) -> list[tuple[Path, Path, Path]]:
     """``[(fused, ir, vi)]`` for every image in ``fused_dir``, sources matched by stem."""
     from evafusion_jax.data import image_io
 
-    fused = image_io.list_images(fused_dir)
-    if not fused:
+    if not image_io.list_images(fused_dir):
         raise ScoreInputError(f"fused folder {str(fused_dir)!r} holds no images "
                               f"({', '.join(image_io.IMAGE_EXTENSIONS)})")
-    index = {}
-    for role, d in (("ir", ir_dir), ("vi", vi_dir)):
-        files = image_io.list_images(d)
-        stems: dict[str, Path] = {}
-        for f in files:
-            if f.stem in stems:
-                raise ScoreInputError(f"{role} folder {str(d)!r} has two files with the stem "
-                                      f"{f.stem!r}: {stems[f.stem].name}, {f.name}")
-            stems[f.stem] = f
-        index[role] = stems
-    missing = {role: [f.name for f in fused if f.stem not in index[role]] for role in index}
-    if any(missing.values()):
-        lines = [f"  no {role} image in {str(d)!r} for: {', '.join(m[:20])}"
-                 + (f", ... ({len(m)} in all)" if len(m) > 20 else "")
-                 for (role, m), d in zip(missing.items(), (ir_dir, vi_dir)) if m]
+    m = image_io.match_folders({"fused": fused_dir, "ir": ir_dir, "vi": vi_dir}, key="stem",
+                               primary="fused")
+    for role, stem, first, second in m.duplicates:
+        d = ir_dir if role == "ir" else vi_dir
+        raise ScoreInputError(f"{role} folder {str(d)!r} has two files with the stem "
+                              f"{stem!r}: {first.name}, {second.name}")
+    if any(m.missing.values()):
+        fused = image_io.list_images(fused_dir)
+        missing = {role: [f.name for f in fused if f.stem in set(m.missing[role])] for role in ("ir", "vi")}
+        lines = [f"  no {role} image in {str(d)!r} for: {', '.join(x[:20])}"
+                 + (f", ... ({len(x)} in all)" if len(x) > 20 else "")
+                 for (role, x), d in zip(missing.items(), (ir_dir, vi_dir)) if x]
         raise ScoreInputError("fused images without a source image (matched by file stem):\n"
                               + "\n".join(lines))
-    return [(f, index["ir"][f.stem], index["vi"][f.stem]) for f in fused]
+    return [(p["fused"], p["ir"], p["vi"]) for _, p in m.pairs]
 
 
 def _read(path: Path) -> np.ndarray:

@@ -52,6 +52,8 @@ import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from evafusion_jax.data.image_io import IMAGE_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 #: Score names as the dataset spells them -> names of the reward model's score heads
@@ -73,7 +75,6 @@ IMAGE_COLUMNS: tuple[str, ...] = ("infrared", "visible", "fused")
 REQUIRED_COLUMNS: tuple[str, ...] = IMAGE_COLUMNS + ("artifact_heatmap", "scores")
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 _SPLIT_ALIASES = {"val": "dev", "validation": "dev", "valid": "dev"}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VALIDATE_LEVELS = ("none", "header", "full")
 
 FOLDER_LAYOUT_DOC = """\

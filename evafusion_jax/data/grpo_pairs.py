@@ -61,7 +61,6 @@ from evafusion_jax.data import regions as regions_lib
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = image_io.IMAGE_EXTENSIONS
 SAM_SOURCES = ("sam", "cache")
 REGION_SOURCES = SAM_SOURCES + regions_lib.ON_THE_FLY_SOURCES
 
@@ -104,26 +103,21 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return _on_image(image_io.image_size, Path(path))
 
 
-def _list_images(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
-
-
 def list_pairs(data_dir: str | os.PathLike) -> list[str]:
     """Sorted file names present in both ``DATA/ir`` and ``DATA/vi``.
 
-    Raises :class:`PairDataError` when a folder is missing, empty, or when a
-    file has no partner (all unpaired names are listed).
+    Pairs follow ``image_io.match_folders`` by whole file name (``key="name"``): one name
+    names both images of a pair, and region caches are keyed by it. Raises
+    :class:`PairDataError` when a folder is missing, empty, or when a file has no partner
+    (all unpaired names are listed).
     """
     data_dir = Path(data_dir)
     for sub in ("ir", "vi"):
         if not (data_dir / sub).is_dir():
             raise PairDataError(f"{data_dir / sub} is not a folder; the data folder needs "
                                 "ir/ and vi/ sub-folders with the same file names")
-    ir, vi = _list_images(data_dir / "ir"), _list_images(data_dir / "vi")
-    only_ir = sorted(set(ir) - set(vi))
-    only_vi = sorted(set(vi) - set(ir))
+    m = image_io.match_folders({"ir": data_dir / "ir", "vi": data_dir / "vi"}, key="name")
+    only_ir, only_vi = m.missing["vi"], m.missing["ir"]
     if only_ir or only_vi:
         parts = []
         if only_ir:
@@ -133,9 +127,9 @@ def list_pairs(data_dir: str | os.PathLike) -> list[str]:
             parts.append(f"in vi/ without an ir/ partner: {', '.join(only_vi[:20])}"
                          + (" ..." if len(only_vi) > 20 else ""))
         raise PairDataError(f"unpaired images in {data_dir}: " + "; ".join(parts))
-    if not ir:
-        raise PairDataError(f"no images found in {data_dir / 'ir'} (suffixes {IMAGE_SUFFIXES})")
-    return ir
+    if not m.pairs:
+        raise PairDataError(f"no images found in {data_dir / 'ir'} (suffixes {image_io.IMAGE_EXTENSIONS})")
+    return [name for name, _ in m.pairs]
 
 
 class PairDataSource(grain.RandomAccessDataSource):

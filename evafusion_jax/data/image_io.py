@@ -28,6 +28,7 @@ versions; Pillow's own integer arithmetic differs by at most one 8-bit level.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -341,8 +342,78 @@ class PairingError(ValueError):
     """Files in paired folders do not correspond one to one."""
 
 
+#: What :func:`match_folders` matches files by: ``"stem"`` (``01.png`` pairs with ``01.jpg``)
+#: or ``"name"`` (the whole file name; ``01.png`` pairs only with ``01.png``).
+PAIR_KEYS = ("stem", "name")
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderMatch:
+    """How the image files of several folders correspond (see :func:`match_folders`).
+
+    Attributes:
+      pairs: ``[(key, {role: path})]`` for every matched key (sorted by key; with a primary
+        folder, one entry per primary file in its order).
+      missing: role -> the keys that role's folder lacks (in the order of ``pairs``).
+      duplicates: ``(role, key, first, second)`` for two files of one folder with the same key.
+      empty: the roles whose folder holds no images.
+    """
+    pairs: list
+    missing: dict
+    duplicates: list
+    empty: list
+
+
+def match_folders(folders: dict[str, str | os.PathLike], key: str = "stem",
+                  primary: str | None = None) -> FolderMatch:
+    """The one pairing rule for ir/vi/fused folders: files correspond when their ``key`` is equal.
+
+    Only images directly in each folder count (:func:`list_images`: the extensions of
+    :data:`IMAGE_EXTENSIONS`, hidden files skipped). Without ``primary`` every key must be in
+    every folder; with ``primary`` the primary folder's files drive the pairing, files of the
+    other folders without a primary partner are ignored, and two primary files with one key
+    are both kept. Nothing is raised for problems: callers word their own errors from the
+    returned :class:`FolderMatch` (``pair_files`` does for ``fuse`` / ``evaluate``).
+
+    Raises:
+      FileNotFoundError: a folder does not exist.
+      ValueError: ``key`` is not one of :data:`PAIR_KEYS` or ``primary`` not a role.
+    """
+    if key not in PAIR_KEYS:
+        raise ValueError(f"key must be one of {PAIR_KEYS}, got {key!r}")
+    if primary is not None and primary not in folders:
+        raise ValueError(f"primary {primary!r} is not one of the roles {list(folders)}")
+    key_of = (lambda p: p.stem) if key == "stem" else (lambda p: p.name)
+    index: dict[str, dict[str, Path]] = {}
+    listed: dict[str, list[Path]] = {}
+    duplicates, empty = [], []
+    for role, folder in folders.items():
+        files = listed[role] = list_images(folder)
+        if not files:
+            empty.append(role)
+        seen: dict[str, Path] = {}
+        for f in files:
+            k = key_of(f)
+            if k in seen and role != primary:
+                duplicates.append((role, k, seen[k], f))
+            seen.setdefault(k, f)
+        index[role] = seen
+    if primary is None:
+        keys = sorted(set().union(*[set(s) for s in index.values()]))
+        rows = [(k, {}) for k in keys]
+    else:
+        rows = [(key_of(f), {primary: f}) for f in listed[primary]]
+    missing = {role: [k for k, _ in rows if k not in index[role]] for role in folders if role != primary}
+    pairs = [(k, {**fixed, **{r: index[r][k] for r in folders if r not in fixed}})
+             for k, fixed in rows if all(k in index[r] for r in folders if r not in fixed)]
+    return FolderMatch(pairs=pairs, missing=missing, duplicates=duplicates, empty=empty)
+
+
 def pair_files(folders: dict[str, str | os.PathLike], max_listed: int = 20) -> list[tuple[str, dict[str, Path]]]:
     """Matches image files across folders by file stem (``01.png`` pairs with ``01.jpg``).
+
+    The strict form of :func:`match_folders` (``key="stem"``, no primary) used by ``fuse``
+    and ``evaluate``.
 
     Args:
       folders: role -> folder, e.g. ``{"ir": ..., "vi": ...}``.
@@ -355,31 +426,24 @@ def pair_files(folders: dict[str, str | os.PathLike], max_listed: int = 20) -> l
       PairingError: a folder has no images, two files in one folder share a stem,
         or some stems are missing from some folders (all of them are listed).
     """
-    stems: dict[str, dict[str, Path]] = {}
+    m = match_folders(folders, key="stem")
     problems = []
-    for role, folder in folders.items():
-        files = list_images(folder)
-        if not files:
-            problems.append(f"{role} folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        seen: dict[str, Path] = {}
-        for f in files:
-            if f.stem in seen:
-                problems.append(f"{role} folder has two files with the stem {f.stem!r}: {seen[f.stem].name}, {f.name}")
-            seen[f.stem] = f
-        stems[role] = seen
+    for role in folders:
+        if role in m.empty:
+            problems.append(f"{role} folder {str(folders[role])!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        problems += [f"{role} folder has two files with the stem {k!r}: {a.name}, {b.name}"
+                     for r, k, a, b in m.duplicates if r == role]
     if problems:
         raise PairingError("; ".join(problems))
-    all_stems = sorted(set().union(*[set(s) for s in stems.values()]))
-    missing = {role: [s for s in all_stems if s not in stems[role]] for role in folders}
-    if any(missing.values()):
+    if any(m.missing.values()):
         lines = []
-        for role, names in missing.items():
+        for role, names in m.missing.items():
             if names:
                 shown = ", ".join(names[:max_listed]) + (f", ... ({len(names)} in all)" if len(names) > max_listed else "")
                 lines.append(f"  missing in {role} folder {str(folders[role])!r}: {shown}")
         raise PairingError("some images have no counterpart (files are paired by name without extension):\n"
                            + "\n".join(lines))
-    return [(s, {role: stems[role][s] for role in folders}) for s in all_stems]
+    return m.pairs
 
 
 class OutputFolderError(ValueError):

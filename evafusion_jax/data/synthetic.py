@@ -207,13 +207,16 @@ def read_pairs(folder: str | os.PathLike) -> list[tuple[np.ndarray, np.ndarray]]
     """Every (ir, vi) pair of ``folder/ir``, ``folder/vi`` (same file names) as [0, 1] floats."""
     from evafusion_jax.data import image_io
     folder = Path(folder)
-    names = [p.name for p in image_io.list_images(folder / "ir")]
+    ir_dir, vi_dir = folder / "ir", folder / "vi"
+    if vi_dir.is_dir():  # same file names (image_io.match_folders by name); unpaired files skipped
+        pairs = image_io.match_folders({"ir": ir_dir, "vi": vi_dir}, key="name", primary="ir").pairs
+    else:
+        pairs = image_io.list_images(ir_dir) and []
     out = []
-    for n in names:
-        if (folder / "vi" / n).is_file():
-            ir, vi = image_io.read_image(folder / "ir" / n), image_io.read_image(folder / "vi" / n)
-            if ir.shape[:2] == vi.shape[:2]:
-                out.append((image_io.to_gray(ir), vi))
+    for _, p in pairs:
+        ir, vi = image_io.read_image(p["ir"]), image_io.read_image(p["vi"])
+        if ir.shape[:2] == vi.shape[:2]:
+            out.append((image_io.to_gray(ir), vi))
     if not out:
         raise ValueError(f"{folder} holds no ir/vi pairs of equal size with the same file names")
     return out
