@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from evafusion_jax.data import feedback as fd
+from evafusion_jax.models import score_names
 from evafusion_jax.storage import fileio
 
 try:  # POSIX: a lock that also holds between server processes sharing one folder
@@ -74,7 +74,7 @@ except ImportError:  # pragma: no cover - Windows: the in-process lock only
 
 logger = logging.getLogger(__name__)
 
-SCORE_NAMES: tuple[str, ...] = fd.DATASET_SCORE_NAMES
+SCORE_NAMES: tuple[str, ...] = score_names.DATASET_SCORE_NAMES
 ANNOTATIONS_LOG = "annotations.jsonl"
 SCORES_FILE = "scores.jsonl"
 RANKINGS_LOG = "rankings.jsonl"
@@ -354,7 +354,7 @@ def load_predictions(checkpoint, ir_dir, vi_dir, methods: Mapping[str, Path], ro
                              np.float32) / 255.0
             hgt, wid = image_io.image_size(it.fused)
             preds[it.rel] = {
-                "scores": {n: round(float(r[fd.SCORE_COLUMNS[n]]), 4) for n in SCORE_NAMES},
+                "scores": {n: round(float(r[score_names.SCORE_COLUMNS[n]]), 4) for n in SCORE_NAMES},
                 "circles": heatmap_to_circles(raw, hgt, wid, threshold)}
     return preds
 

@@ -104,9 +104,9 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
     from PIL import Image
     from tqdm import tqdm
 
-    from evafusion_jax.data import feedback as fd
     from evafusion_jax.data import image_io
     from evafusion_jax.models import reward_model as rm
+    from evafusion_jax.models import score_names
     from evafusion_jax.storage import checkpoints, fileio
     from evafusion_jax.train import parallel as par
     from evafusion_jax.train import reward_training as rt
@@ -151,7 +151,7 @@ def score_folder(checkpoint, fused_dir, ir_dir, vi_dir, output, *, batch_size: i
             batch = {k: np.stack([e[k] for e in exs]) for k in ("ir", "vi", "fused")}
             padded, n = rt.pad_batch(batch, bs)
             res = jax.device_get(predict(p, par.shard_batch(padded, mesh)))
-            scores = np.asarray(res["scores"])[:n] * fd.SCORE_MAX
+            scores = np.asarray(res["scores"])[:n] * score_names.SCORE_MAX
             heats = np.asarray(res["heatmaps"])[:n]
             for (f, i, vv), sc, hm, fimg in zip(chunk, scores, heats, fused_imgs):
                 row = {"fused": f.name, "ir": i.name, "vi": vv.name}

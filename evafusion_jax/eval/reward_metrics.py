@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from evafusion_jax.data.feedback import HEATMAP_TYPES, SCORE_TYPES
+from evafusion_jax.models.score_names import HEATMAP_TYPES, SCORE_TYPES
 
 log = logging.getLogger(__name__)
 

@@ -118,11 +118,7 @@ class DCEvoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DCEvoConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown DCEvoConfig field(s) {unknown}; known fields: {sorted(names)}")
-        d = dict(d)
+        d = numerics.known_fields(cls, d, "unknown DCEvoConfig field")
         if "ffn_expansion_factor" in d:
             d["ffn_expansion_factor"] = float(d["ffn_expansion_factor"])
         return cls(**d)

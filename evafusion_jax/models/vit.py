@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evafusion_jax.models import numerics
 from evafusion_jax.models.init_utils import init_tree, truncated_normal
 
 Dtype = Any
@@ -78,10 +79,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ViTConfig: unknown field(s) {unknown}")
+        d = numerics.known_fields(cls, d, "ViTConfig: unknown field")
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
     @classmethod

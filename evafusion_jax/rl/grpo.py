@@ -42,12 +42,15 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-# Names of the reward-model score outputs (reward_model.SCORE_TYPES) used by the reward.
-TEXTURE = "Texture_Preservation"
-THERMAL = "Thermal_Retention"
-SHARPNESS = "Sharpness"
-ARTIFACTS = "Artifacts"
-HEATMAP = "artifact_heatmap"
+# Names of the reward-model score outputs used by the reward (their home: models/score_names).
+from evafusion_jax.models import numerics
+from evafusion_jax.models.score_names import (
+    ARTIFACTS,
+    HEATMAP,
+    SHARPNESS,
+    TEXTURE,
+    THERMAL,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +85,7 @@ class RewardWeights:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RewardWeights":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown reward weight(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(d))
+        return cls(**numerics.known_fields(cls, d, "unknown reward weight"))
 
 
 def heatmap_area(heatmap: jax.Array, threshold: float = 0.5, soft: bool = False) -> jax.Array:
