@@ -14,6 +14,7 @@
 import ml_collections
 
 from evafusion_jax.data import grpo_pairs
+from evafusion_jax.rl import grpo
 
 
 def get_config():
@@ -37,9 +38,10 @@ def get_config():
     # Region rewards: masked = R(F * M_k) (the paper's) | composite = R(F_old with region k of
     # the sample pasted in), whole natural images for the reward model (README, "Region rewards").
     c.region_reward = "masked"
-    c.weights = ml_collections.ConfigDict(dict(
-        texture=2.0, thermal=1.0, sharpness=2.0, artifacts=0.5, heatmap_threshold=0.5,
-        use_scores=True, use_heatmap=True, heatmap_only=1.0, soft_area=False))
+    # Reward aggregation weights: texture, thermal, sharpness, artifacts, heatmap_threshold,
+    # use_scores, use_heatmap, heatmap_only, soft_area (defaults: the released ones, kept in
+    # evafusion_jax.rl.grpo.RewardWeights).
+    c.weights = ml_collections.ConfigDict(grpo.RewardWeights().to_dict())
 
     # GRPO.
     c.clip_eps = 0.2

@@ -8,6 +8,8 @@ same fields.
 
 import ml_collections
 
+from evafusion_jax.data import regions
+
 
 def get_config():
     cfg = ml_collections.ConfigDict()
@@ -27,23 +29,13 @@ def get_config():
     cfg.sam.checkpoint = ""       # local .pth file of segment_anything weights
     cfg.sam.device = "cpu"        # torch device, e.g. cuda
 
-    # segment_anything.SamAutomaticMaskGenerator keyword arguments (its defaults).
+    # segment_anything.SamAutomaticMaskGenerator keyword arguments (its defaults, kept in
+    # evafusion_jax.data.regions.SAM_GENERATOR_DEFAULTS: points_per_side, points_per_batch,
+    # pred_iou_thresh, stability_score_thresh, ...).
     # min_mask_region_area > 0 needs opencv-python (segment_anything uses cv2 there).
-    cfg.generator = ml_collections.ConfigDict()
-    cfg.generator.points_per_side = 32
-    cfg.generator.points_per_batch = 64
-    cfg.generator.pred_iou_thresh = 0.88
-    cfg.generator.stability_score_thresh = 0.95
-    cfg.generator.stability_score_offset = 1.0
-    cfg.generator.box_nms_thresh = 0.7
-    cfg.generator.crop_n_layers = 0
-    cfg.generator.crop_nms_thresh = 0.7
-    cfg.generator.crop_overlap_ratio = 512 / 1500
-    cfg.generator.crop_n_points_downscale_factor = 1
-    cfg.generator.min_mask_region_area = 0
+    cfg.generator = ml_collections.ConfigDict(dict(regions.SAM_GENERATOR_DEFAULTS))
 
-    # Parameters of the fallback sources (see evafusion_jax.data.regions).
-    cfg.random_crops = ml_collections.ConfigDict({"min_frac": 0.1, "max_frac": 0.5})
-    cfg.superpixels = ml_collections.ConfigDict({
-        "method": "slic", "n_segments": 32, "compactness": 0.1, "felzenszwalb_scale": 100.0})
+    # Parameters of the fallback sources (their defaults: evafusion_jax.data.regions.SOURCE_PARAMS).
+    cfg.random_crops = ml_collections.ConfigDict(dict(regions.SOURCE_PARAMS["random_crops"]))
+    cfg.superpixels = ml_collections.ConfigDict(dict(regions.SOURCE_PARAMS["superpixels"]))
     return cfg

@@ -28,7 +28,6 @@ are imported only for the SAM source.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -43,17 +42,13 @@ import numpy as np
 from evafusion_jax.data import grpo_pairs as pipeline
 from evafusion_jax.data import regions as regions_lib
 from evafusion_jax.data.regions import RegionError
+from evafusion_jax.storage import fileio
 
 log = logging.getLogger(__name__)
 
 IMAGE_CHOICES = ("fused", "vi", "ir")
 SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
-DEFAULT_GENERATOR = {
-    "points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
-    "crop_n_layers": 0, "crop_nms_thresh": 0.7, "crop_overlap_ratio": 512 / 1500,
-    "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0,
-}
+DEFAULT_GENERATOR = regions_lib.SAM_GENERATOR_DEFAULTS
 
 
 # --------------------------------------------------------------------------
@@ -67,23 +62,6 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"file {path} does not exist")
     return {"path": str(path.absolute()), "size": path.stat().st_size,
             "sha256": regions_lib.file_sha256(path)}
-
-
-def tree_digest(named_arrays: Mapping[str, Any]) -> str:
-    """sha256 over sorted (name, dtype, shape, bytes) of a flat name -> array mapping."""
-    h = hashlib.sha256()
-    for name in sorted(named_arrays):
-        a = np.ascontiguousarray(np.asarray(named_arrays[name]))
-        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _flatten_params(params: Any) -> dict:
-    import jax
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
 
 
 # --------------------------------------------------------------------------
@@ -343,19 +321,19 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
             sam_desc = {"model_type": sam_model_type,
                         "checkpoint": file_fingerprint(sam_checkpoint)}
         else:
+            from evafusion_jax.train.utils import (
+                tree_fingerprint,  # the one pytree digest
+            )
             sam_desc = {"model_type": sam_model_type or type(sam_model).__name__,
                         "checkpoint": None,
-                        "state_dict_sha256": tree_digest(
+                        "state_dict_sha256": tree_fingerprint(
                             {k: v.detach().cpu().float().numpy()
                              for k, v in sam_model.state_dict().items()})}
         desc["sam"] = sam_desc
         desc["generator"] = gen
         desc["ranking"] = "area desc, stability_score desc, predicted_iou desc"
     else:
-        defaults = {"random_crops": {"min_frac": 0.1, "max_frac": 0.5},
-                    "grid": {},
-                    "superpixels": {"method": "slic", "n_segments": 32, "compactness": 0.1,
-                                    "felzenszwalb_scale": 100.0}}[source]
+        defaults = regions_lib.SOURCE_PARAMS[source]
         params = dict(defaults, **dict(region_params or {}))
         unknown = set(params) - set(defaults)
         if unknown:
@@ -367,9 +345,10 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
     if source in ("random_crops", "grid"):
         desc["image"] = "any"  # these sources do not look at the pixels
     elif image == "fused":
+        from evafusion_jax.train.utils import tree_fingerprint  # the one pytree digest
         dcevo_params, dcevo_config = _load_dcevo(dcevo_checkpoint, dcevo_params, dcevo_config)
         desc["dcevo"] = {"config": dcevo_config.to_dict(),
-                         "params_sha256": tree_digest(_flatten_params(dcevo_params)),
+                         "params_sha256": tree_fingerprint(dcevo_params),
                          "checkpoint": str(Path(dcevo_checkpoint).absolute())
                          if dcevo_checkpoint else None}
 
@@ -379,7 +358,6 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
         raise RegionError(f"region source parameters are not JSON-serialisable: {e}") from e
     index = _prepare_cache_dir(cache_dir, desc, num_regions, overwrite)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    from evafusion_jax.storage import fileio
     fileio.remove_stale_temporaries(cache_dir)
     fileio.remove_stale_temporaries(cache_dir / regions_lib.MASKS_DIR)
     index["data_dir"] = str(Path(data_dir).absolute())
@@ -387,7 +365,7 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
     todo = [i for i, n in enumerate(data.names)
             if not _is_done(cache_dir, index, n, data.sizes[n], num_regions, hashes[n],
                             Path(data_dir))]
-    regions_lib.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
+    fileio.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
     log.info("%d of %d images already in %s; computing %d", len(data) - len(todo), len(data),
              cache_dir, len(todo))
 
@@ -403,25 +381,29 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
                                                                  area, score), **hashes[name]}
         new += 1
         if new % max(1, index_every) == 0:
-            regions_lib.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
+            fileio.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
     all_names = set(pipeline.list_pairs(data_dir))
     index["complete"] = all_names.issubset(index["images"])
-    regions_lib.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
+    fileio.write_json_atomic(cache_dir / regions_lib.INDEX_FILE, index)
     return index
 
 
 def _make_compute(source, image, k, data, desc, sam_model, sam_model_type, sam_checkpoint,
                   device, dcevo_params, dcevo_config, seed) -> Callable[[int], tuple]:
+    from evafusion_jax.data import image_io
+
+    def read_gray(role, name):  # (H, W) float32 in [0, 1], colour -> BT.601 luma
+        return image_io.to_gray(image_io.read_image(data.data_dir / role / name))[..., 0]
+
     def load_gray(i):
         name = data.names[i]
         if image == "fused":
             from evafusion_jax.models import dcevo
 
-            rec = data[i]
-            fused = dcevo.fuse(dcevo_params, rec["ir"][None, ..., None],
-                               rec["vi"][None, ..., None], dcevo_config)
+            fused = dcevo.fuse(dcevo_params, read_gray("ir", name)[None, ..., None],
+                               read_gray("vi", name)[None, ..., None], dcevo_config)
             return np.asarray(fused)[0, ..., 0]
-        return pipeline.read_gray(data.data_dir / image / name)
+        return read_gray(image, name)
 
     if source == "sam":
         if sam_model is None:
@@ -433,7 +415,7 @@ def _make_compute(source, image, k, data, desc, sam_model, sam_model_type, sam_c
             if image == "fused":
                 rgb = _to_uint8_rgb(load_gray(i))
             else:  # keep the visible image's colours for SAM
-                rgb = _to_uint8_rgb(pipeline.read_rgb(data.data_dir / image / name))
+                rgb = _to_uint8_rgb(image_io.read_image(data.data_dir / image / name))
             h, w = rgb.shape[:2]
             import torch
 

@@ -370,29 +370,26 @@ def make_loader(data_dir: str | os.PathLike, *, batch_size: int = 2, seed: int =
 
 
 def default_config():
-    """Data fields for a training config (``ml_collections.ConfigDict``)."""
+    """Data fields for a training config (``ml_collections.ConfigDict``): ``data_dir`` and the
+    keyword arguments of :func:`make_loader` with their defaults (stated once, there), except the
+    sharding, which comes from the JAX processes."""
+    import inspect
+
     import ml_collections
 
     cfg = ml_collections.ConfigDict()
     cfg.data_dir = ""
-    cfg.batch_size = 2
-    cfg.seed = 0
-    cfg.crop_size = 128
-    cfg.num_regions = 8
-    cfg.region_source = "sam"
-    cfg.cache_dir = ""
-    cfg.region_params = ml_collections.ConfigDict()
-    cfg.superpixel_image = "mean"
-    cfg.shuffle = True
-    cfg.num_epochs = ml_collections.config_dict.placeholder(int)
-    cfg.drop_remainder = True
-    cfg.pad_small = False
-    cfg.max_crop_tries = 10
-    cfg.min_region_pixels = 1
-    cfg.min_valid_regions = 1
-    cfg.worker_count = 0
-    cfg.read_threads = 2
-    cfg.prefetch = 16
+    for name, p in inspect.signature(make_loader).parameters.items():
+        if p.default is inspect.Parameter.empty or name in ("shard_index", "shard_count"):
+            continue
+        if name == "cache_dir":
+            cfg.cache_dir = ""                                        # "" = none
+        elif name == "region_params":
+            cfg.region_params = ml_collections.ConfigDict()           # the source's defaults
+        elif name == "num_epochs":
+            cfg.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat
+        else:
+            cfg[name] = p.default
     return cfg
 
 

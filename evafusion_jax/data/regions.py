@@ -44,6 +44,7 @@ before unpacking (:meth:`RegionCache.load_window`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -51,7 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from evafusion_jax.storage.fileio import atomic_path
+from evafusion_jax.storage.fileio import atomic_path, write_json_atomic  # noqa: F401 - re-exported
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -268,6 +269,29 @@ def compute_regions(source: str, image: np.ndarray | None, height: int, width: i
                       f"expected one of {ON_THE_FLY_SOURCES} (SAM masks come from a cache)")
 
 
+def _keyword_defaults(fn, skip: Sequence[str] = ()) -> dict[str, Any]:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty and n not in skip}
+
+
+#: The parameters of each on-the-fly source and their defaults: the keyword defaults of its
+#: function here (their one home; ``configs/regions.py`` and ``precompute_regions`` read them).
+SOURCE_PARAMS: dict[str, dict[str, Any]] = {
+    "random_crops": _keyword_defaults(random_crop_regions),
+    "grid": {},
+    "superpixels": _keyword_defaults(superpixel_regions, skip=("seed",)),
+}
+
+#: ``segment_anything.SamAutomaticMaskGenerator`` keyword arguments used for SAM regions (its
+#: own defaults; ``configs/regions.py`` and ``precompute_regions`` read them from here).
+SAM_GENERATOR_DEFAULTS: dict[str, Any] = {
+    "points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95, "stability_score_offset": 1.0, "box_nms_thresh": 0.7,
+    "crop_n_layers": 0, "crop_nms_thresh": 0.7, "crop_overlap_ratio": 512 / 1500,
+    "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0,
+}
+
+
 # --------------------------------------------------------------------------
 # region cache
 
@@ -275,12 +299,6 @@ def compute_regions(source: str, image: np.ndarray | None, height: int, width: i
 def _atomic_write_bytes(path: Path, write_fn) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write_fn(f)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as JSON to ``path`` through a temp file + rename."""
-    text = json.dumps(obj, indent=2, sort_keys=True).encode()
-    _atomic_write_bytes(Path(path), lambda f: f.write(text))
 
 
 def mask_file_name(image_name: str) -> str:

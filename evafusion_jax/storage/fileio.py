@@ -14,6 +14,7 @@ or, from another host, one untouched for :data:`STALE_OTHER_HOST_SECONDS`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,13 @@ def write_durable(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
     fsync_dir(path.parent)
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON with sorted keys to ``path`` through a temp file + rename."""
+    text = json.dumps(obj, indent=2, sort_keys=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def json_safe(x):
