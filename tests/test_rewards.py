@@ -83,3 +83,10 @@ def test_sample_regions_equal_regions_of_each_sample(tiny, kind):
     for g in range(3):
         exp, _ = jax.jit(fn.regions)(params, samples[:, g], ir, vi, masks)
         np.testing.assert_allclose(np.asarray(total[:, g]), np.asarray(exp), rtol=1e-4, atol=1e-5)
+
+
+def test_reward_functions_satisfy_the_reward_fn_protocol(tiny):
+    cfg = tiny[0]
+    assert isinstance(rewards.make_reward_fn("model", cfg), rewards.RewardFn)
+    assert isinstance(rewards.make_reward_fn("contrast"), rewards.RewardFn)
+    assert not isinstance(object(), rewards.RewardFn)  # the check can fail

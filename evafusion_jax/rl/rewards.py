@@ -1,4 +1,4 @@
-"""Reward functions for GRPO / direct fine-tuning, with one common interface.
+"""Reward functions for GRPO / direct fine-tuning, with one common interface (:class:`RewardFn`).
 
 A reward function is an object with
 
@@ -46,7 +46,8 @@ Two implementations:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,37 @@ from evafusion_jax.rl import fusion_losses, grpo
 
 REWARD_TERMS = ("texture", "thermal", "sharpness", "artifacts", "heatmap", "artifact_area")
 REGION_MODES = ("masked", "composite")
+
+#: ``(total, terms)``: the reward and its named terms, every array of the same shape.
+Rewards = tuple[jax.Array, Mapping[str, jax.Array]]
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    """The interface every reward function satisfies (:class:`ModelReward`, :class:`ContrastReward`).
+
+    Images are NHWC float32 in [0, 1]: ``fused``, ``ir``, ``vi`` (B, H, W, C) (``C`` 1, ``vi``
+    may have 3); ``samples`` (B, G, H, W, C); ``masks`` (B, K, H, W) float in {0, 1}; ``base``
+    (B, H, W, C) or None. ``params`` are the reward function's own parameters (``{}`` when it
+    has none), passed explicitly so jit does not bake them in as constants.
+    """
+
+    #: The keys of the ``terms`` dict every method returns (for logging).
+    term_names: tuple[str, ...]
+
+    def regions(self, params: Any, fused: jax.Array, ir: jax.Array, vi: jax.Array,
+                masks: jax.Array, base: jax.Array | None = None) -> Rewards:
+        """Reward of every region of every pair: total (B, K), terms {name: (B, K)}; no gradient."""
+        ...
+
+    def sample_regions(self, params: Any, samples: jax.Array, ir: jax.Array, vi: jax.Array,
+                       masks: jax.Array, base: jax.Array | None = None) -> Rewards:
+        """Reward of every region of G samples per pair: total (B, G, K), terms (B, G, K); no gradient."""
+        ...
+
+    def image(self, params: Any, fused: jax.Array, ir: jax.Array, vi: jax.Array) -> Rewards:
+        """Reward of whole fused images: total (B,), terms (B,); differentiable in ``fused``."""
+        ...
 
 
 def region_images(images, masks, base=None, mode: str = "masked"):
@@ -232,7 +264,7 @@ class ContrastReward:
 
 
 def make_reward_fn(kind: str, reward_config: Any = None, weights: grpo.RewardWeights | None = None,
-                   **kwargs):
+                   **kwargs) -> RewardFn:
     """``"model"`` -> :class:`ModelReward` (needs ``reward_config``), ``"contrast"`` -> :class:`ContrastReward`."""
     if kind == "model":
         if reward_config is None:

@@ -88,6 +88,7 @@ import optax
 from evafusion_jax.models import dcevo
 from evafusion_jax.rl import fusion_losses, grpo
 from evafusion_jax.rl.grpo import PREFERENCE_UNITS
+from evafusion_jax.rl.rewards import RewardFn
 from evafusion_jax.train import parallel
 
 OBJECTIVES = ("grpo", "direct", "fusion", "dpo", "ppo")
@@ -276,7 +277,7 @@ def _frozen_forward(params, fused, other, ir, vi, model_config):
 
 
 def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
-            hp: TrainHParams, model_config: dcevo.DCEvoConfig, reward_fn: Any = None,
+            hp: TrainHParams, model_config: dcevo.DCEvoConfig, reward_fn: RewardFn | None = None,
             axis_name: str | None = None):
     """This shard's loss (scaled so that psum over shards = global loss) and metrics.
 
@@ -362,7 +363,7 @@ def loss_fn(params: Any, state: Mapping, reward_params: Any, batch: Mapping, *,
 
 
 def _sampled_objective_loss(params, fused, feats, state, reward_params, batch, hp, model_config,
-                            reward_fn, axis_name, metrics):
+                            reward_fn: RewardFn, axis_name, metrics):
     """The ``dpo`` / ``ppo`` loss of this shard (see the module docstring); fills ``metrics``."""
     ir, vi = batch["ir"], batch["vi"]
     n_shards = _num_shards(axis_name)
@@ -450,7 +451,7 @@ def _reduce_metrics(metrics, axis_name):
 
 def train_step(state: dict, reward_params: Any, batch: Mapping, *, hp: TrainHParams,
                model_config: dcevo.DCEvoConfig, tx: optax.GradientTransformation,
-               reward_fn: Any = None, schedule: Callable | None = None,
+               reward_fn: RewardFn | None = None, schedule: Callable | None = None,
                axis_name: str | None = None):
     """One update (per shard when ``axis_name`` is set); returns (new state, metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -481,7 +482,7 @@ def train_step(state: dict, reward_params: Any, batch: Mapping, *, hp: TrainHPar
 
 
 def make_train_step(hp: TrainHParams, model_config: dcevo.DCEvoConfig,
-                    tx: optax.GradientTransformation, reward_fn: Any = None,
+                    tx: optax.GradientTransformation, reward_fn: RewardFn | None = None,
                     mesh=None, schedule: Callable | None = None):
     """The jitted data-parallel step ``step(state, reward_params, batch) -> (state, metrics)``.
 
@@ -501,7 +502,7 @@ def make_train_step(hp: TrainHParams, model_config: dcevo.DCEvoConfig,
     return parallel.data_parallel(per_shard, mesh, batch_argnums=(2,), check_vma=False)
 
 
-def make_eval_fn(model_config: dcevo.DCEvoConfig, reward_fn: Any = None, mesh=None):
+def make_eval_fn(model_config: dcevo.DCEvoConfig, reward_fn: RewardFn | None = None, mesh=None):
     """Jitted ``fn(params, reward_params, batch) -> {"fused", "reward" (B,K)}`` (not sharded)."""
     def fn(params, reward_params, batch):
         fused = dcevo.apply_model(params, batch["ir"], batch["vi"], model_config)["fused"]
