@@ -70,11 +70,12 @@ _INPUT_ERRORS = (
     "evafusion_jax.score:ScoreInputError",
     "evafusion_jax.data.regions:RegionError",
     "evafusion_jax.data.grpo_pairs:PairDataError",
-    "evafusion_jax.data.feedback:FeedbackDataError",
+    "evafusion_jax.data.feedback_decode:FeedbackDataError",
     "evafusion_jax.train_grpo:ConfigError",
     "evafusion_jax.train_reward:ConfigError",
     "evafusion_jax.demo:DemoError",
     "evafusion_jax.convert.common:ConversionError",
+    "evafusion_jax.models.param_tree:ParamTreeError",
 )
 _NONFINITE = ("evafusion_jax.train.utils:NonFiniteLossError",)
 _BUSY = ("evafusion_jax.storage.locks:WorkdirBusyError",)

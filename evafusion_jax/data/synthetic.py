@@ -61,7 +61,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from evafusion_jax.data.feedback import DATASET_SCORE_NAMES, render_circles
+from evafusion_jax.data.feedback_decode import render_circles
+from evafusion_jax.models.score_names import DATASET_SCORE_NAMES
 from evafusion_jax.storage.fileio import commit_dir, staging_dir
 
 BLUR_MAX = 2.0
