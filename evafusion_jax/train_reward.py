@@ -26,6 +26,7 @@ from evafusion_jax import cli
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.models.vit import ViTConfig
 from evafusion_jax.storage import checkpoints, locks
+from evafusion_jax.train import feature_cache
 from evafusion_jax.train import parallel as par
 from evafusion_jax.train import reward_training as rt
 from evafusion_jax.train import utils as tu
@@ -162,7 +163,7 @@ def _cached_sources(cfg, model_cfg, params, splits, backbone_fp):
     out = {}
     for split, src in splits.items():
         if jax.process_index() == 0:
-            out[split] = rt.build_feature_cache(
+            out[split] = feature_cache.build_feature_cache(
                 src, params[rt.BACKBONE_KEY], model_cfg, cache_root, dtype=str(cfg.cache.dtype),
                 batch_size=int(cfg.cache.batch_size), fingerprint=str(cfg.cache.fingerprint),
                 name=split, progress=_progress(cfg, len(src), f"caching {split}"),
@@ -172,7 +173,7 @@ def _cached_sources(cfg, model_cfg, params, splits, backbone_fp):
         multihost_utils.sync_global_devices("feature_cache_built")
         for split, src in splits.items():
             if split not in out:
-                out[split] = rt.build_feature_cache(
+                out[split] = feature_cache.build_feature_cache(
                     src, params[rt.BACKBONE_KEY], model_cfg, cache_root,
                     dtype=str(cfg.cache.dtype), fingerprint=str(cfg.cache.fingerprint),
                     name=split, backbone_fingerprint=backbone_fp)
