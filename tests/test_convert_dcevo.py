@@ -50,7 +50,7 @@ def _save_pth(obj, path):
 
 
 def _flat(params):
-    from evafusion_jax.convert.common import flatten_tree
+    from evafusion_jax.models.param_tree import flatten_tree
 
     return flatten_tree(params)
 

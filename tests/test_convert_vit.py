@@ -141,3 +141,22 @@ def test_cli_refuses_existing_output(tmp_path):
     assert vit_from_hf.main([str(folder), str(tmp_path / "ck")]) == 0
     assert vit_from_hf.main([str(folder), str(tmp_path / "ck")]) == 2
     assert vit_from_hf.main([str(folder), str(tmp_path / "ck"), "--overwrite"]) == 0
+
+
+def test_init_from_pretrained_vit_folder_and_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    hf = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, image_size=32, patch_size=8)
+    transformers.ViTModel(hf).save_pretrained(tmp_path / "hf")
+    kw = dict(heatmap_channels=(32, 16), deconv_channels=(16, 16, 8), heatmap_last_channels=8,
+              score_conv_divisors=(1, 2, 4, 8, 16, 32), score_hidden=(32, 16))
+    p1, c1 = vit_from_hf.init_from_pretrained_vit(tmp_path / "hf", 0, **kw)
+    vit_from_hf.convert(tmp_path / "hf", tmp_path / "vit_ckpt")
+    p2, c2 = vit_from_hf.init_from_pretrained_vit(tmp_path / "vit_ckpt", 0, **kw)
+    assert c1 == c2 and c1.vit.hidden_size == 32
+    np.testing.assert_array_equal(p1["vit"]["layernorm"]["scale"], p2["vit"]["layernorm"]["scale"])
+    np.testing.assert_array_equal(p1["vit"]["encoder"]["layer_0"]["output"]["kernel"],
+                                  p2["vit"]["encoder"]["layer_0"]["output"]["kernel"])
+    with pytest.raises(ValueError, match="names a ViT"):
+        vit_from_hf.init_from_pretrained_vit(tmp_path / "vit_ckpt", 0, vit=vit.ViTConfig.tiny(hidden_size=64), **kw)

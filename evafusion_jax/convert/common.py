@@ -146,31 +146,6 @@ def conv_transpose_back(k: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(k).transpose(2, 3, 0, 1)[:, :, ::-1, ::-1])
 
 
-def flatten_tree(tree: Mapping, prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{sep}{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_tree(v, name, sep))
-        else:
-            out[name] = v
-    return out
-
-
-def check_tree_shapes(expected: Mapping, got: Mapping, what: str) -> None:
-    """Raises when two parameter trees differ in keys or leaf shapes."""
-    fe, fg = flatten_tree(expected), flatten_tree(got)
-    missing = sorted(set(fe) - set(fg))
-    extra = sorted(set(fg) - set(fe))
-    if missing or extra:
-        raise ConversionError(f"{what}: parameter tree mismatch; missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}")
-    for k in fe:
-        if tuple(np.shape(fe[k])) != tuple(np.shape(fg[k])):
-            raise ConversionError(f"{what}: parameter {k} has shape {np.shape(fg[k])}, "
-                                  f"model expects {np.shape(fe[k])}")
-
-
 def run_cli(action: Callable[[], Any]) -> int:
     """Runs a converter's ``action`` (returns the written path) as a command: 0 on success,
     2 with a one-line error for a bad input (no traceback)."""

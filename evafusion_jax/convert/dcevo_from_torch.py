@@ -35,10 +35,10 @@ import numpy as np
 from evafusion_jax.convert.common import (
     ConversionError,
     KeyReader,
-    flatten_tree,
     load_torch_file,
     run_cli,
 )
+from evafusion_jax.models.param_tree import flatten_tree
 
 log = logging.getLogger(__name__)
 

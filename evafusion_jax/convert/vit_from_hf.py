@@ -187,6 +187,36 @@ def convert(folder: str | Path, out: str | Path, overwrite: bool = False) -> Pat
                                    extra={"source": str(weights), "skipped_keys": skipped})
 
 
+def load_pretrained_vit(path: str | Path) -> tuple[dict, ViTConfig]:
+    """``(params, config)`` of a pretrained ViT: our converted checkpoint (:func:`convert`) or a
+    local Hugging Face ViT folder (``config.json`` + ``model.safetensors``; a
+    ``pytorch_model.bin`` folder needs torch), converted in memory."""
+    path = Path(path)
+    if (path / "params").is_dir():
+        params, vit_dict = checkpoints.load_params(path, "vit")
+        return params, ViTConfig.from_dict(vit_dict)
+    config, sd, weights = read_hf_folder(path)
+    params, _ = convert_state_dict(sd, config, weights)
+    return params, config
+
+
+def init_from_pretrained_vit(path: str | Path, rng, mixer_init: str = "random", **config_fields):
+    """A new reward model whose backbone is a pretrained ViT (:func:`load_pretrained_vit`).
+
+    ``config_fields`` override other ``reward_model.RewardConfig`` fields (heads, dtype, ...).
+    Returns ``(params, config)``; the mixing ViT and the heads are randomly initialised
+    (``mixer_init="copy_backbone"`` copies the backbone blocks into the mixing ViT instead).
+    """
+    from evafusion_jax.models import reward_model
+
+    backbone, vit_config = load_pretrained_vit(path)
+    if "vit" in config_fields and config_fields["vit"] != vit_config:
+        raise ValueError(f"the config names a ViT {config_fields['vit']} but {path} holds {vit_config}")
+    config_fields["vit"] = vit_config
+    config = reward_model.RewardConfig(**config_fields)
+    return reward_model.init_params(config, rng, mixer_init=mixer_init, backbone=backbone), config
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evafusion_jax.convert.vit_from_hf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

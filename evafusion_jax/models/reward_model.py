@@ -37,10 +37,9 @@ import numpy as np
 from evafusion_jax.models import numerics
 from evafusion_jax.models import vit as vit_lib
 from evafusion_jax.models.init_utils import init_tree
+from evafusion_jax.models.param_tree import check_tree_shapes
+from evafusion_jax.models.score_names import HEATMAP_TYPES, SCORE_TYPES
 from evafusion_jax.models.vit import ViTConfig
-
-SCORE_TYPES = ("Thermal_Retention", "Texture_Preservation", "Artifacts", "Sharpness", "Overall_Score")
-HEATMAP_TYPES = ("artifact_heatmap",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +93,7 @@ class RewardConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RewardConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"RewardConfig: unknown field(s) {unknown}")
-        kw = dict(d)
+        kw = numerics.known_fields(cls, d, "RewardConfig: unknown field")
         if "vit" in kw and isinstance(kw["vit"], Mapping):
             kw["vit"] = ViTConfig.from_dict(kw["vit"])
         return cls(**kw)
@@ -350,10 +345,6 @@ def init_params(config: RewardConfig, rng, mixer_init: str = "random",
         raise ValueError(f"mixer_init must be 'random' or 'copy_backbone', got {mixer_init!r}")
     params = init_tree(param_shapes(config), rng, _leaf_init)
     if backbone is not None:
-        from evafusion_jax.convert.common import (
-            check_tree_shapes,  # pure NumPy helper, no torch
-        )
-
         backbone = _to_dict(backbone)
         check_tree_shapes(params["vit"], backbone, "backbone ViT parameters vs reward config")
         params["vit"] = backbone
@@ -383,33 +374,3 @@ def frozen_mask(params, train_mixer: bool = False) -> dict:
 def stack_scores(scores: Mapping[str, jax.Array], config: RewardConfig) -> jax.Array:
     """Scores dict -> (B, len(score_types)) array in ``config.score_types`` order."""
     return jnp.stack([scores[t] for t in config.score_types], axis=-1)
-
-
-def init_from_pretrained_vit(path, rng, mixer_init: str = "random", **config_fields):
-    """A new reward model whose backbone is a pretrained ViT.
-
-    ``path`` is either our converted ViT checkpoint (``python -m evafusion_jax.convert.vit_from_hf``)
-    or a local Hugging Face ViT folder (``config.json`` + ``model.safetensors``; a
-    ``pytorch_model.bin`` folder needs torch). ``config_fields`` override other
-    :class:`RewardConfig` fields (heads, dtype, ...). Returns ``(params, config)``; the
-    mixing ViT and the heads are randomly initialised (``mixer_init="copy_backbone"``
-    copies the backbone blocks into the mixing ViT instead).
-    """
-    from pathlib import Path
-
-    from evafusion_jax.storage import checkpoints
-
-    path = Path(path)
-    if (path / "params").is_dir():
-        backbone, vit_dict = checkpoints.load_params(path, "vit")
-        vit_config = ViTConfig.from_dict(vit_dict)
-    else:
-        from evafusion_jax.convert.vit_from_hf import convert_state_dict, read_hf_folder
-
-        vit_config, sd, weights = read_hf_folder(path)
-        backbone, _ = convert_state_dict(sd, vit_config, weights)
-    if "vit" in config_fields and config_fields["vit"] != vit_config:
-        raise ValueError(f"the config names a ViT {config_fields['vit']} but {path} holds {vit_config}")
-    config_fields["vit"] = vit_config
-    config = RewardConfig(**config_fields)
-    return init_params(config, rng, mixer_init=mixer_init, backbone=backbone), config
