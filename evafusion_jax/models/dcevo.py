@@ -58,7 +58,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class DCEvoConfig:
+class DCEvoConfig(numerics.ComputeSettings):
     """Architecture (and numerics) of DCEvo. Frozen and hashable, so it can be a static jit argument.
 
     Attributes:
@@ -104,14 +104,6 @@ class DCEvoConfig:
     @property
     def ffn_hidden(self) -> int:
         return int(self.dim * self.ffn_expansion_factor)
-
-    @property
-    def compute_dtype(self):
-        return numerics.DTYPES[self.dtype]
-
-    @property
-    def lax_precision(self):
-        return numerics.PRECISIONS[self.precision]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

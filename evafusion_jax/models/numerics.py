@@ -34,3 +34,15 @@ def known_fields(cls: type, d: Mapping, what: str) -> dict:
     if unknown:
         raise ValueError(f"{what}(s) {unknown}; known: {sorted(names)}")
     return dict(d)
+
+
+class ComputeSettings:
+    """Mixin of the model configs with ``dtype`` and ``precision`` name fields: the resolved values."""
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def lax_precision(self):
+        return PRECISIONS[self.precision]

@@ -43,7 +43,7 @@ from evafusion_jax.models.vit import ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(numerics.ComputeSettings):
     """Architecture of the reward model. Defaults are the released ones (ViT-L/16-384)."""
 
     vit: ViTConfig = dataclasses.field(default_factory=ViTConfig)
@@ -74,14 +74,6 @@ class RewardConfig:
             raise ValueError(f"RewardConfig: hidden_size {self.vit.hidden_size} // "
                              f"{self.score_conv_divisors[-1]} leaves no channel for the score heads")
         numerics.check("RewardConfig", self.dtype, self.precision)
-
-    @property
-    def compute_dtype(self):
-        return numerics.DTYPES[self.dtype]
-
-    @property
-    def lax_precision(self):
-        return numerics.PRECISIONS[self.precision]
 
     def replace(self, **kw) -> "RewardConfig":
         return dataclasses.replace(self, **kw)
