@@ -27,21 +27,33 @@ def demo_dcevo_config(**kw):
     return dcevo.DCEvoConfig(**base)
 
 
-def demo_reward_config(**kw):
-    """The reward model trained from scratch by the demo: ``RewardConfig.tiny`` (hidden 32,
-    32x32 input) with patch 4 (8x8 tokens) and score heads that keep 8 channels.
+def demo_reward_config(hidden: int = 32, image_size: int = 32, patch_size: int = 4, **kw):
+    """The reward model trained from scratch by the demo: ``RewardConfig.tiny`` (one ViT layer)
+    of width ``hidden`` on ``image_size`` x ``image_size`` inputs cut into ``patch_size`` patches,
+    with score heads that keep 8 channels (defaults: hidden 32, 32x32, patch 4: 8x8 tokens).
 
     ``RewardConfig.tiny``'s score heads narrow the 32 channels to 1 (divisor 32) before a
     channel RMS norm, which maps a single channel to +-scale: fine for shape tests, but such
-    heads cannot learn, so the demo uses smaller divisors.
+    heads cannot learn, so the demo uses smaller divisors. A random frozen patch embedding
+    keeps everything a patch shows only if ``hidden >= 3 * patch_size ** 2`` (hidden 64 with
+    patch 4 measured no better than 32, README).
     """
+    import math
+
     from evafusion_jax.models import reward_model as rm
     from evafusion_jax.models.vit import ViTConfig
-    base = dict(vit=ViTConfig.tiny(patch_size=4), deconv_channels=(16, 8),
+    ups = int(round(math.log2(patch_size)))
+    if patch_size < 2 or 2 ** ups != patch_size:
+        raise DemoError(f"--reward-patch {patch_size}: need a power of two >= 2")
+    if image_size % patch_size:
+        raise DemoError(f"--feedback-size {image_size} is not a multiple of --reward-patch "
+                        f"{patch_size}")
+    base = dict(vit=ViTConfig.tiny(hidden_size=hidden, intermediate_size=2 * hidden,
+                                   image_size=image_size, patch_size=patch_size),
+                deconv_channels=(16,) + (8,) * (ups - 1),
                 score_conv_divisors=(1, 1, 2, 2, 4, 4))
     base.update(kw)
     return rm.RewardConfig.tiny(**base)
-
 
 
 def grpo_base_config():
@@ -88,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feedback", type=int, default=3000, help="synthetic feedback samples")
     g.add_argument("--feedback-size", type=int, default=32, help="side of feedback images")
     g.add_argument("--reward-batch", type=int, default=32, help="reward-model training batch")
+    g.add_argument("--reward-hidden", type=int, default=32,
+                   help="width of the demo reward model's ViT (input: --feedback-size)")
+    g.add_argument("--reward-patch", type=int, default=4,
+                   help="patch side of the demo reward model's ViT (a power of two)")
     g.add_argument("--reward-masked-examples", type=float, default=0.0,
                    help="fraction of feedback images also given as masked regions (same scores)")
     g.add_argument("--pairs-side", type=int, default=128,
@@ -119,12 +135,14 @@ def validate(args) -> None:
         raise DemoError("--vit initialises a reward model to train; with --reward nothing is "
                         "trained: give one of them")
     for name in ("steps", "train_pairs", "test_pairs", "size", "crop", "batch", "regions",
-                 "feedback", "feedback_size"):
+                 "feedback", "feedback_size", "reward_hidden"):
         if getattr(args, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.reward_masked_examples <= 1.0:
         raise DemoError(f"--reward-masked-examples must be in [0, 1], got "
                         f"{args.reward_masked_examples}")
+    if not args.reward and not args.vit:
+        demo_reward_config(args.reward_hidden, args.feedback_size, args.reward_patch)  # checks
     if args.pairs_side < 0:
         raise DemoError(f"--pairs-side must be >= 0, got {args.pairs_side}")
     if args.regions < 2:

@@ -116,7 +116,7 @@ def stage_reward(args, work: Path, data: dict) -> dict:
     if args.vit:
         params, config = rm.init_from_pretrained_vit(args.vit, rng)
     else:
-        config = demo_reward_config()
+        config = demo_reward_config(args.reward_hidden, args.feedback_size, args.reward_patch)
         params = rm.init_params(config, rng)
     init_ckpt = checkpoints.save_params(rdir / "init", jax.tree_util.tree_map(np.asarray, params),
                                         config.to_dict(), "reward")
