@@ -152,8 +152,10 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
         md.append(_md_table(["score", "dev PLCC", "dev SRCC", "test PLCC", "test SRCC"], rows))
         d = reward["eval"]["dev"]
         md.append(f"\nHeatmap on the dev split: MSE on empty ground truth "
-                  f"{_fmt(d.get('loss/artifact_heatmap'))}, CC {_fmt(d.get('heatmap/cc'))}, "
-                  f"NSS {_fmt(d.get('heatmap/nss'))}; avg_metric {_fmt(d.get('avg_metric'))}.\n")
+                  f"{_fmt(d.get('loss/artifact_heatmap'))}, "
+                  f"CC {_fmt(d.get('heatmap/cc/artifact_heatmap'))}, "
+                  f"NSS {_fmt(d.get('heatmap/nss/artifact_heatmap'))}; "
+                  f"avg_metric {_fmt(d.get('avg_metric'))}.\n")
     else:
         md.append(f"Given checkpoint `{args.reward}` (not trained here).\n")
 
