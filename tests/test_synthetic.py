@@ -163,3 +163,19 @@ def test_feedback_from_real_pairs_and_masked_examples(tmp_path):
     assert sc["ir_targets"].min() >= 0
     src = fd.open_split(a, "train", validate="full")
     assert len(src) > 0
+
+
+def test_texture_score_counts_the_texture_that_the_blur_leaves():
+    """Texture Preservation measures the visible detail kept by texture loss AND blur, so a
+    blurred image that shows no texture is not labelled as rich in texture."""
+    scene = syn.make_scene(3, 32, 32)
+    base = {"ir_loss": 0.0, "texture_loss": 0.0, "blur_sigma": 0.0, "noise_std": 0.0,
+            "circles": []}
+    assert syn.texture_retained(scene, base) == 1.0
+    assert syn.texture_retained(scene, dict(base, texture_loss=0.25)) == pytest.approx(0.75)
+    kept = [syn.texture_retained(scene, dict(base, blur_sigma=s)) for s in (0.5, 1.0, 2.0)]
+    assert 1.0 > kept[0] > kept[1] > kept[2] and kept[2] < 0.3
+    blurred = syn.make_feedback_sample(0, 32, dict(base, blur_sigma=2.0))
+    assert blurred["scores"]["Texture Preservation"] < 2.2
+    assert blurred["scores"]["Texture Preservation"] == pytest.approx(
+        5 - 4 * (1 - blurred["params"]["texture_retained"]))

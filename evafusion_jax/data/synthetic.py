@@ -27,12 +27,22 @@ artifact circles ~ uniform on {0, 1, 2, 3} (no circle -> an empty heatmap), each
 Score rule (``score_rule``; every score in [1, 5], higher is better)::
 
     Thermal Retention    = 5 - 4 * ir_loss
-    Texture Preservation = 5 - 4 * texture_loss
+    Texture Preservation = 5 - 4 * (1 - texture_retained),
+        texture_retained = (1 - texture_loss) * rms(G_blur_sigma(d)) / rms(d),  d = g - G_2(g)
     Sharpness            = 5 - 4 * blur_sigma / BLUR_MAX
     Artifacts            = 5 - 4 * severity,
         severity = 0.4 * noise_std / NOISE_MAX + 0.6 * min(1, sum(circle strengths) / ARTIFACT_CAP)
     Overall Score        = 0.3 * Thermal Retention + 0.3 * Texture Preservation
                            + 0.2 * Sharpness + 0.2 * Artifacts
+
+Each score measures what its factor leaves VISIBLE in the fused image: the blur also removes
+fine texture, so Texture Preservation is the fraction of the visible detail layer that survives
+the texture loss and the blur together (``texture_retained``; stored in each line's
+``degradation``), not ``texture_loss`` alone. (Earlier versions used ``5 - 4 *
+texture_loss``, and NOISE_MAX was 0.08: a blurred image then showed no texture but could be
+labelled as rich in it, strong noise swamped the texture's high-frequency energy, and the demo's
+reward model could not learn Texture Preservation; ``score_rule`` still gives the old texture
+rule for parameters without ``texture_retained``.)
 
 The artifact heatmap is the circles rendered as filled discs (``feedback.render_circles``).
 
@@ -66,7 +76,7 @@ from evafusion_jax.models.score_names import DATASET_SCORE_NAMES
 from evafusion_jax.storage.fileio import commit_dir, staging_dir
 
 BLUR_MAX = 2.0
-NOISE_MAX = 0.08
+NOISE_MAX = 0.03
 ARTIFACT_CAP = 1.5
 MAX_CIRCLES = 3
 #: Names of the controlled degradations (``write_feedback_folder(degradations=...)``).
@@ -80,7 +90,8 @@ degradations (IR target loss, texture loss, blur, noise, ringing/blocking artifa
 circles). The five scores in scores.jsonl are a deterministic function of the degradation
 parameters (see the evafusion_jax.data.synthetic module docstring):
   Thermal Retention    = 5 - 4 * ir_loss
-  Texture Preservation = 5 - 4 * texture_loss
+  Texture Preservation = 5 - 4 * (1 - texture_retained), texture_retained =
+                         (1 - texture_loss) * rms(G_blur(d)) / rms(d), d = vi detail layer
   Sharpness            = 5 - 4 * blur_sigma / {blur_max}
   Artifacts            = 5 - 4 * (0.4 * noise_std / {noise_max}
                                   + 0.6 * min(1, sum(circle strengths) / {cap}))
@@ -302,10 +313,27 @@ def sample_degradation(rng: np.random.Generator | int, size: int = 64,
     return p
 
 
+def texture_retained(scene: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> float:
+    """The fraction of the visible detail layer ``d = g - G_2(g)`` that the fused image keeps:
+    ``(1 - texture_loss) * rms(G_blur_sigma(d)) / rms(d)`` (1 for a flat ``d``), i.e. what is
+    left of the texture after the texture loss AND the blur (module docstring)."""
+    g = scene["vi_gray"].astype(np.float64)
+    d = g - ndimage.gaussian_filter(g, 2.0)
+    keep = 1.0 - float(np.clip(params["texture_loss"], 0, 1))
+    rms = float(np.sqrt(np.mean(d * d)))
+    if params["blur_sigma"] > 0 and rms > 1e-6:
+        keep *= float(np.sqrt(np.mean(ndimage.gaussian_filter(d, params["blur_sigma"]) ** 2))) / rms
+    return float(np.clip(keep, 0.0, 1.0))
+
+
 def score_rule(params: Mapping[str, Any]) -> dict[str, float]:
-    """The five synthetic scores (dataset spelling, each in [1, 5]) from degradation parameters."""
+    """The five synthetic scores (dataset spelling, each in [1, 5]) from degradation parameters.
+
+    Texture Preservation uses ``params["texture_retained"]`` (``texture_retained``: texture
+    loss and blur together) when present, else ``1 - texture_loss``."""
     thermal = 5.0 - 4.0 * float(np.clip(params["ir_loss"], 0, 1))
-    texture = 5.0 - 4.0 * float(np.clip(params["texture_loss"], 0, 1))
+    kept = params.get("texture_retained", 1.0 - float(params["texture_loss"]))
+    texture = 5.0 - 4.0 * float(np.clip(1.0 - kept, 0, 1))
     sharp = 5.0 - 4.0 * float(np.clip(params["blur_sigma"] / BLUR_MAX, 0, 1))
     strength = sum(float(c["strength"]) for c in params.get("circles", ()))
     severity = (0.4 * float(np.clip(params["noise_std"] / NOISE_MAX, 0, 1))
@@ -354,6 +382,7 @@ def make_feedback_sample(rng: np.random.Generator | int, size: int = 64,
     scene = make_scene(rng, size, size)
     params = dict(params) if params is not None else sample_degradation(rng, size)
     fused = fuse_degraded(scene, params, rng)
+    params.setdefault("texture_retained", texture_retained(scene, params))
     circles = [{"x": round(c["x"], 3), "y": round(c["y"], 3), "r": round(c["r"], 3)}
                for c in params.get("circles", ())]
     return {"ir": scene["ir"], "vi": scene["vi"], "fused": fused,
@@ -420,6 +449,7 @@ def write_feedback_folder(path: str | os.PathLike, n: int, seed: int = 0, size: 
                 rng = np.random.default_rng([seed, p, k, 1])
                 params = sample_degradation(rng, size, degradations)
                 fused = fuse_degraded(scene, params, rng)
+                params["texture_retained"] = texture_retained(scene, params)
                 circles = [{"x": round(c["x"], 3), "y": round(c["y"], 3), "r": round(c["r"], 3)}
                            for c in params["circles"]]
                 fname = f"{p:05d}_{k}.png"
