@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax.models import numerics
+from evafusion_jax.models import convolution, numerics
 from evafusion_jax.models import vit as vit_lib
 from evafusion_jax.models.init_utils import init_tree
 from evafusion_jax.models.param_tree import check_tree_shapes
@@ -128,10 +128,8 @@ class UpConv(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1),
-            padding=((1, 2), (1, 2)), lhs_dilation=(2, 2),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+        y = convolution.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                               ((1, 2), (1, 2)), lhs_dilation=(2, 2), precision=self.precision)
         return y + bias.astype(self.dtype)
 
 
@@ -142,7 +140,7 @@ class HeatmapPredictor(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dt, pr = cfg.compute_dtype, cfg.lax_precision
-        conv = lambda c, name: nn.Conv(c, (3, 3), padding="SAME", dtype=dt, precision=pr, name=name)
+        conv = lambda c, name: convolution.Conv(c, (3, 3), dtype=dt, precision=pr, name=name)
         norm = lambda name: ChannelRMSNorm(dt, name=name)
         c1, c2 = cfg.heatmap_channels
         x = norm("conv_layers_2")(nn.relu(conv(c1, "conv_layers_0")(x)))
@@ -167,8 +165,8 @@ class ScorePredictor(nn.Module):
         dt, pr = cfg.compute_dtype, cfg.lax_precision
         d = x.shape[-1]
         for j, div in enumerate(cfg.score_conv_divisors):
-            x = nn.Conv(d // div, (3, 3), padding="SAME", dtype=dt, precision=pr,
-                        name=f"conv_layers_{3 * j}")(x)
+            x = convolution.Conv(d // div, (3, 3), dtype=dt, precision=pr,
+                                 name=f"conv_layers_{3 * j}")(x)
             x = nn.relu(ChannelRMSNorm(dt, name=f"conv_layers_{3 * j + 1}")(x))
         # The release flattens NCHW: channel-major order.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
