@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from evafusion_jax.models.score_names import SCORE_TYPES
+
 STAGES = ("data", "reward model", "fusion warm-up", "regions + GRPO", "evaluate", "report")
 #: Metrics of ``metrics.py`` reported by the demo (NIQE/BRISQUE need larger images).
 DEMO_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC")
-SCORE_LABELS = ("Thermal_Retention", "Texture_Preservation", "Artifacts", "Sharpness",
-                "Overall_Score")
+SCORE_LABELS = SCORE_TYPES  # the reward model's score names (models/score_names.py)
 
 
 class DemoError(ValueError):

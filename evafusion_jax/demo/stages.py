@@ -114,7 +114,8 @@ def stage_reward(args, work: Path, data: dict) -> dict:
     rdir = work / "reward"
     rng = jax.random.PRNGKey(args.seed)
     if args.vit:
-        params, config = rm.init_from_pretrained_vit(args.vit, rng)
+        from evafusion_jax.convert.vit_from_hf import init_from_pretrained_vit
+        params, config = init_from_pretrained_vit(args.vit, rng)
     else:
         config = demo_reward_config(args.reward_hidden, args.feedback_size, args.reward_patch)
         params = rm.init_params(config, rng)
