@@ -76,7 +76,7 @@ _INPUT_ERRORS = (
     "evafusion_jax.demo:DemoError",
     "evafusion_jax.convert.common:ConversionError",
 )
-_NONFINITE = ("evafusion_jax.train.utils:NonFiniteLossError",)
+_NONFINITE = ("evafusion_jax.train.nonfinite:NonFiniteLossError",)
 _BUSY = ("evafusion_jax.storage.locks:WorkdirBusyError",)
 # OS errors about a path the user named (a read-only or missing folder, a full disk, ...).
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EISDIR,

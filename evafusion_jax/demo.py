@@ -127,20 +127,20 @@ def _link_pairs(src: Path, names: Sequence[str], dst: Path, side: int = 0) -> Pa
 
 
 def _grpo_base_config():
-    from evafusion_jax.train import utils as tu
-    return tu.parse_cli_config(["demo", "--config", tu.default_config_path("grpo.py")],
-                               tu.default_config_path("grpo.py"))
+    from evafusion_jax import config as config_lib
+    return config_lib.parse_cli_config(["demo", "--config", config_lib.default_config_path("grpo.py")],
+                                       config_lib.default_config_path("grpo.py"))
 
 
 def _reward_base_config():
-    from evafusion_jax.train import utils as tu
-    return tu.parse_cli_config(["demo", "--config", tu.default_config_path("reward.py")],
-                               tu.default_config_path("reward.py"))
+    from evafusion_jax import config as config_lib
+    return config_lib.parse_cli_config(["demo", "--config", config_lib.default_config_path("reward.py")],
+                                       config_lib.default_config_path("reward.py"))
 
 
 def _read_log(path: Path) -> list[dict]:
-    from evafusion_jax.train import utils as tu
-    return tu.read_jsonl(path) if path.is_file() else []
+    from evafusion_jax.train import metric_writer
+    return metric_writer.read_jsonl(path) if path.is_file() else []
 
 
 def _mean(xs) -> float:
@@ -813,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("evafusion_jax").setLevel(logging.INFO)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.utils"):
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.checkpointer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from evafusion_jax import cli
 

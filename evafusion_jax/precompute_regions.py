@@ -483,12 +483,12 @@ def _split_config_args(argv: Sequence[str], default_cfg: str) -> tuple[list[str]
 
 def parse_args(argv: Sequence[str]):
     """Returns the resolved ``ml_collections`` config of a command line."""
-    from evafusion_jax.train import utils as train_utils
+    from evafusion_jax import config as config_lib
 
-    default_cfg = train_utils.default_config_path("regions.py")
+    default_cfg = config_lib.default_config_path("regions.py")
     cfg_args, rest = _split_config_args(argv, str(default_cfg))
     # unknown keys (command line or config file) are a UsageError naming the closest key
-    cfg = train_utils.parse_cli_config(["precompute_regions"] + cfg_args, str(default_cfg))
+    cfg = config_lib.parse_cli_config(["precompute_regions"] + cfg_args, str(default_cfg))
 
     p = argparse.ArgumentParser(
         prog="python -m evafusion_jax.precompute_regions",

@@ -18,7 +18,7 @@ Multi-host: start one process per host with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set (or under SLURM / Open MPI); each
 host reads its shard of the pairs. A NaN/inf loss or state stops the run without saving
 (exit code 3; the last checkpoint on disk is the last good one, see
-``train_utils.guard_step``). The workdir is locked while the run lasts (a second run
+``evafusion_jax.train.nonfinite.guard_step``). The workdir is locked while the run lasts (a second run
 on it refuses, exit code 4). Exit codes: ``evafusion_jax.cli``.
 """
 
@@ -34,13 +34,13 @@ import jax
 import numpy as np
 
 from evafusion_jax import cli
+from evafusion_jax import config as config_lib
 from evafusion_jax.data import grpo_pairs
 from evafusion_jax.models import dcevo
 from evafusion_jax.rl import grpo, rewards
 from evafusion_jax.storage import checkpoints, locks
+from evafusion_jax.train import checkpointer, metric_writer, nonfinite, parallel
 from evafusion_jax.train import grpo_training as gt
-from evafusion_jax.train import parallel
-from evafusion_jax.train import utils as tu
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
     loader = grpo_pairs.make_loader_from_config(dcfg)
     data_it = iter(loader)
 
-    ckpt = tu.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
+    ckpt = checkpointer.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
     step = 0
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(target=state)
@@ -180,7 +180,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
     p_step = gt.make_train_step(hp, mcfg, tx, reward_fn, mesh, schedule)
     eval_fn = gt.make_eval_fn(mcfg) if cfg.image_every_steps > 0 else None
 
-    writer = tu.MetricWriter(workdir / "logs", resume_step=step)
+    writer = metric_writer.MetricWriter(workdir / "logs", resume_step=step)
     extra = {"config": cfg.to_dict(), "dcevo_config": mcfg.to_dict()}
     preview = None
     metrics: dict = {}
@@ -196,7 +196,7 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
             if step == cfg.debug_nan_at_step:
                 batch = _nan_batch(batch)
             state, m = p_step(state, reward_params, parallel.shard_batch(batch, mesh))
-            tu.guard_step(ckpt, m["loss"], state, step, batch)
+            nonfinite.guard_step(ckpt, m["loss"], state, step, batch)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        cfg = tu.parse_cli_config(argv, tu.default_config_path("grpo.py"), description=__doc__)
+        cfg = config_lib.parse_cli_config(argv, config_lib.default_config_path("grpo.py"), description=__doc__)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                             force=True)
         train(cfg)

@@ -23,12 +23,13 @@ import jax
 import numpy as np
 
 from evafusion_jax import cli
+from evafusion_jax import config as config_lib
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.models.vit import ViTConfig
-from evafusion_jax.storage import checkpoints, locks
+from evafusion_jax.storage import checkpoints, fingerprint, locks
+from evafusion_jax.train import checkpointer, metric_writer, nonfinite
 from evafusion_jax.train import parallel as par
 from evafusion_jax.train import reward_training as rt
-from evafusion_jax.train import utils as tu
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def run_eval(cfg) -> dict:
 def _export(path: Path, params, model_cfg, extra: dict) -> None:
     if jax.process_index() == 0:
         checkpoints.save_params(path, par.unreplicate(params), model_cfg.to_dict(), "reward",
-                                overwrite=True, extra=tu._jsonable(extra))
+                                overwrite=True, extra=metric_writer.json_scalars(extra))
 
 
 def train(cfg) -> dict:
@@ -256,8 +257,8 @@ def _train(cfg) -> dict:
     params, model_cfg = load_initial_params(cfg)
     train_backbone = bool(cfg.get("train_backbone", False))
     trained, frozen = rt.split_params(params, bool(cfg.train_mixer), train_backbone)
-    backbone_fp = tu.tree_fingerprint(params[rt.BACKBONE_KEY])
-    frozen_fp = tu.tree_fingerprint(
+    backbone_fp = fingerprint.tree_fingerprint(params[rt.BACKBONE_KEY])
+    frozen_fp = fingerprint.tree_fingerprint(
         {k: v for k, v in frozen.items() if k != rt.BACKBONE_KEY}, {"backbone": backbone_fp})
 
     mesh = par.data_mesh()
@@ -290,7 +291,7 @@ def _train(cfg) -> dict:
     state = rt.init_train_state(trained, optimizer)
     state = jax.tree_util.tree_map(np.asarray, state)
 
-    ckpt = tu.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
+    ckpt = checkpointer.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
     loader = _loader(cfg, train_data, local_bs, model_cfg, train=True, cached=cached)
     data_it = iter(loader)
     step = 0
@@ -325,7 +326,7 @@ def _train(cfg) -> dict:
                                     heatmap_weight=float(cfg.heatmap_weight),
                                     debug_nan_at_step=int(cfg.debug_nan_at_step),
                                     train_backbone=train_backbone)
-    writer = tu.MetricWriter(workdir / "logs", resume_step=step)
+    writer = metric_writer.MetricWriter(workdir / "logs", resume_step=step)
     writer.text(step, "config", "```\n" + str(cfg) + "\n```")
     last_eval: dict = {}
 
@@ -344,7 +345,7 @@ def _train(cfg) -> dict:
             batch = next(data_it)
             batch = _strip(batch)
             state, metrics = train_step(state, frozen_rep, par.shard_batch(batch, mesh))
-            tu.guard_step(ckpt, metrics["loss"], state, step, batch)  # raises before any save
+            nonfinite.guard_step(ckpt, metrics["loss"], state, step, batch)  # raises before any save
             step += 1
             bar.update(1)
             window.append(metrics)
@@ -395,7 +396,7 @@ def _train(cfg) -> dict:
                "final_model": str(workdir / "final_model"), "resumed_from": resumed_from,
                "steps_per_epoch": steps_per_epoch}
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(tu._jsonable(summary), indent=2))
+        (workdir / "summary.json").write_text(json.dumps(metric_writer.json_scalars(summary), indent=2))
     return summary
 
 
@@ -411,7 +412,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        cfg = tu.parse_cli_config(argv, tu.default_config_path("reward.py"), description=__doc__)
+        cfg = config_lib.parse_cli_config(argv, config_lib.default_config_path("reward.py"), description=__doc__)
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         for noisy in ("absl", "jax._src.xla_bridge"):
@@ -422,10 +423,10 @@ def main(argv=None) -> int:
             int(d.process_id) if d.process_id >= 0 else None)
         if cfg.mode == "train":
             summary = train(cfg)
-            logger.info("done: %s", json.dumps(tu._jsonable(summary))[:2000])
+            logger.info("done: %s", json.dumps(metric_writer.json_scalars(summary))[:2000])
         elif cfg.mode == "eval":
             metrics = run_eval(cfg)
-            logger.info("metrics: %s", json.dumps(tu._jsonable(metrics)))
+            logger.info("metrics: %s", json.dumps(metric_writer.json_scalars(metrics)))
         else:
             raise ConfigError(f"config.mode must be train or eval, got {cfg.mode!r}")
     return cli.run(body, prog="train_reward", oom_hint=OOM_HINT)

@@ -50,8 +50,8 @@ from jax.sharding import PartitionSpec as P
 
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.storage.fileio import commit_dir, staging_dir
+from evafusion_jax.storage.fingerprint import tree_fingerprint
 from evafusion_jax.train import parallel as par
-from evafusion_jax.train.utils import tree_fingerprint
 
 logger = logging.getLogger(__name__)
 
