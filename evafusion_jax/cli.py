@@ -71,8 +71,7 @@ _INPUT_ERRORS = (
     "evafusion_jax.data.regions:RegionError",
     "evafusion_jax.data.grpo_pairs:PairDataError",
     "evafusion_jax.data.feedback:FeedbackDataError",
-    "evafusion_jax.train_grpo:ConfigError",
-    "evafusion_jax.train_reward:ConfigError",
+    "evafusion_jax.config:ConfigError",
     "evafusion_jax.demo:DemoError",
     "evafusion_jax.convert.common:ConversionError",
 )

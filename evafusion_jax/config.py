@@ -20,9 +20,18 @@ class ConfigError(ValueError):
 
 
 def default_config_path(name: str) -> str:
-    """``configs/<name>`` of this repository (the folder next to the package)."""
-    here = Path(__file__).resolve().parents[1] / "configs" / name
-    return str(here) if here.exists() else os.path.join("configs", name)
+    """The default config file ``name`` (e.g. ``"grpo.py"``).
+
+    The copy installed inside the package (``evafusion_jax/configs/``, a wheel) or, in a checkout
+    (also an editable install), the repository's ``configs/`` folder next to the package; never a
+    path relative to the working directory. If neither holds ``name``, the checkout path is
+    returned (``parse_cli_config`` then says that it does not exist).
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "configs" / name
+    if installed.is_file():
+        return str(installed)
+    return str(package.parent / "configs" / name)
 
 
 def _flat_fields(cfg, prefix: str = "") -> dict:

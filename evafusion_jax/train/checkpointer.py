@@ -196,7 +196,8 @@ class TrainCheckpointer:
                      "states": {str(i): json.loads(s) for i, s in enumerate(hosts)}}
         improved = self.is_better(best_metric)
         best_value = float(best_metric) if improved else self._best_value
-        meta = {"step": step, "metrics": json_scalars(metrics or {}), "extra": json_scalars(extra or {}),
+        meta = {"step": step, "metrics": json_scalars(metrics or {}),
+                "extra": json_scalars(extra or {}),
                 "best_value": best_value, "time": time.time()}
 
         def args_for(tree, meta_rec):

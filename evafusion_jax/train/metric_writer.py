@@ -1,4 +1,6 @@
-"""Training metrics: JSONL records and TensorBoard events (:class:`MetricWriter`, :func:`read_jsonl`).
+"""Training metrics: JSONL records and TensorBoard events.
+
+:class:`MetricWriter` writes them, :func:`read_jsonl` reads the JSONL file back.
 
 :func:`json_scalars` turns a metrics dict (arrays, NumPy scalars, NaN) into JSON values; the
 checkpointer's records use it too.

@@ -4,7 +4,8 @@
 * :func:`guard_step`: what the training loop (:mod:`evafusion_jax.train.loop`) calls after every
   update, before anything is saved; it deletes the checkpoint whose parameters gave a
   non-finite loss on finite data (:meth:`TrainCheckpointer.discard`).
-* :class:`NonFiniteLossError`: what they raise; the CLIs exit with code 3 (:mod:`evafusion_jax.cli`).
+* :class:`NonFiniteLossError`: what they raise; the CLIs exit with code 3
+  (:mod:`evafusion_jax.cli`).
 """
 
 from __future__ import annotations
