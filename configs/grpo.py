@@ -98,6 +98,6 @@ def get_config():
     c.keep_checkpoints = 3
     c.export_pth = ""               # also write the released .pth layout here (needs torch)
     c.progress = True
-    c.debug_nan_at_step = -1        # testing: make the loss NaN at this 0-based step
+    c.debug_nan_at_step = -1        # testing: NaN input batch at this 0-based step (data blamed)
     c.debug_exit_at_step = -1       # testing: os._exit(75) right after this step (a kill)
     return c

@@ -71,13 +71,12 @@ _INPUT_ERRORS = (
     "evafusion_jax.data.regions:RegionError",
     "evafusion_jax.data.grpo_pairs:PairDataError",
     "evafusion_jax.data.feedback_decode:FeedbackDataError",
-    "evafusion_jax.train_grpo:ConfigError",
-    "evafusion_jax.train_reward:ConfigError",
+    "evafusion_jax.config:ConfigError",
     "evafusion_jax.demo:DemoError",
     "evafusion_jax.convert.common:ConversionError",
     "evafusion_jax.models.param_tree:ParamTreeError",
 )
-_NONFINITE = ("evafusion_jax.train.utils:NonFiniteLossError",)
+_NONFINITE = ("evafusion_jax.train.nonfinite:NonFiniteLossError",)
 _BUSY = ("evafusion_jax.storage.locks:WorkdirBusyError",)
 # OS errors about a path the user named (a read-only or missing folder, a full disk, ...).
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EISDIR,

@@ -542,15 +542,15 @@ def _use_compilation_cache(path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from evafusion_jax import config as config_lib
     from evafusion_jax import demo, train_grpo
     from evafusion_jax.data import feedback, grpo_pairs, regions
     from evafusion_jax.storage import checkpoints
-    from evafusion_jax.train import utils as tu
     argv = list(sys.argv if argv is None else argv)
-    cfg = tu.parse_cli_config(argv, tu.default_config_path("experiments.py"))
+    cfg = config_lib.parse_cli_config(argv, config_lib.default_config_path("experiments.py"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.utils"):
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.checkpointer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run(cfg)

@@ -321,7 +321,7 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
             sam_desc = {"model_type": sam_model_type,
                         "checkpoint": file_fingerprint(sam_checkpoint)}
         else:
-            from evafusion_jax.train.utils import (
+            from evafusion_jax.storage.fingerprint import (
                 tree_fingerprint,  # the one pytree digest
             )
             sam_desc = {"model_type": sam_model_type or type(sam_model).__name__,
@@ -345,7 +345,9 @@ def precompute_regions(data_dir: str | os.PathLike, cache_dir: str | os.PathLike
     if source in ("random_crops", "grid"):
         desc["image"] = "any"  # these sources do not look at the pixels
     elif image == "fused":
-        from evafusion_jax.train.utils import tree_fingerprint  # the one pytree digest
+        from evafusion_jax.storage.fingerprint import (
+            tree_fingerprint,  # the one pytree digest
+        )
         dcevo_params, dcevo_config = _load_dcevo(dcevo_checkpoint, dcevo_params, dcevo_config)
         desc["dcevo"] = {"config": dcevo_config.to_dict(),
                          "params_sha256": tree_fingerprint(dcevo_params),
@@ -465,12 +467,12 @@ def _split_config_args(argv: Sequence[str], default_cfg: str) -> tuple[list[str]
 
 def parse_args(argv: Sequence[str]):
     """Returns the resolved ``ml_collections`` config of a command line."""
-    from evafusion_jax.train import utils as train_utils
+    from evafusion_jax import config as config_lib
 
-    default_cfg = train_utils.default_config_path("regions.py")
+    default_cfg = config_lib.default_config_path("regions.py")
     cfg_args, rest = _split_config_args(argv, str(default_cfg))
     # unknown keys (command line or config file) are a UsageError naming the closest key
-    cfg = train_utils.parse_cli_config(["precompute_regions"] + cfg_args, str(default_cfg))
+    cfg = config_lib.parse_cli_config(["precompute_regions"] + cfg_args, str(default_cfg))
 
     p = argparse.ArgumentParser(
         prog="python -m evafusion_jax.precompute_regions",

@@ -16,16 +16,16 @@ Multi-GPU: every local device is used (data parallel over the ``data`` mesh axis
 ``data.batch_size`` is the GLOBAL batch and must be a multiple of the device count.
 Multi-host: start one process per host with ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set (or under SLURM / Open MPI); each
-host reads its shard of the pairs. A NaN/inf loss or state stops the run without saving
-(exit code 3; the last checkpoint on disk is the last good one, see
-``train_utils.guard_step``). The workdir is locked while the run lasts (a second run
-on it refuses, exit code 4). Exit codes: ``evafusion_jax.cli``.
+host reads its shard of the pairs. The training loop (checkpoints, resume, the NaN/inf policy,
+logs, multi-host start-up, workdir lock) is :mod:`evafusion_jax.train.loop`, shared with
+``train_reward``: a NaN/inf loss or state stops the run without saving (exit code 3; the last
+checkpoint on disk is the last good one); a second run on a workdir in use refuses (exit code 4).
+Exit codes: ``evafusion_jax.cli``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,20 +33,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from evafusion_jax import cli
+from evafusion_jax.config import ConfigError
 from evafusion_jax.data import grpo_pairs
 from evafusion_jax.models import dcevo
 from evafusion_jax.rl import grpo, rewards
-from evafusion_jax.storage import checkpoints, locks
+from evafusion_jax.storage import checkpoints
 from evafusion_jax.train import grpo_training as gt
+from evafusion_jax.train import loop as train_loop
 from evafusion_jax.train import parallel
-from evafusion_jax.train import utils as tu
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A bad field in the training config."""
 
 
 def _validate(cfg) -> None:
@@ -139,14 +135,61 @@ def train(cfg) -> dict:
     """Runs (or resumes) a training run; returns the final metrics."""
     _validate(cfg)
     hp = _hparams(cfg)
-    parallel.maybe_initialize_distributed()
-    with locks.WorkdirLock(cfg.workdir, "train_grpo", primary=jax.process_index() == 0):
-        return _train(cfg, hp)
+    with train_loop.session(cfg, "train_grpo") as workdir:
+        return _train(cfg, hp, workdir)
 
 
-def _train(cfg, hp: gt.TrainHParams) -> dict:
+class _GRPOTrainer(train_loop.Trainer):
+    """The DCEvo fine-tuning step, its logs (the last step's metrics) and preview images."""
+
+    def __init__(self, cfg, hp: gt.TrainHParams, mcfg, tx, schedule, reward_fn, reward_params,
+                 mesh, total_steps: int):
+        self.cfg, self.mesh, self.total_steps = cfg, mesh, total_steps
+        self.desc = f"train_grpo[{cfg.objective}]"
+        self.reward_params = parallel.replicate(reward_params, mesh)
+        self.p_step = gt.make_train_step(hp, mcfg, tx, reward_fn, mesh, schedule)
+        self.eval_fn = gt.make_eval_fn(mcfg) if cfg.image_every_steps > 0 else None
+        self.extra = {"config": cfg.to_dict(), "dcevo_config": mcfg.to_dict()}
+        self.preview = None
+        self.metrics: dict = {}
+
+    def place(self, state):
+        return parallel.replicate(state, self.mesh)
+
+    def step(self, state, batch, step):
+        if self.preview is None:
+            self.preview = {k: np.asarray(batch[k][:2]) for k in ("ir", "vi")}
+        if step == self.cfg.debug_nan_at_step:
+            batch = _nan_batch(batch)  # bad input data: the guard keeps the checkpoints
+        state, m = self.p_step(state, self.reward_params, parallel.shard_batch(batch, self.mesh))
+        return state, m, batch
+
+    def log_values(self, step, window):
+        self.metrics, _ = super().log_values(step, window)
+        return self.metrics, {"loss": f"{self.metrics['loss']:.4g}",
+                              "reward": f"{self.metrics.get('reward', float('nan')):.4g}"}
+
+    def evaluate(self, step, state, writer):
+        if self.eval_fn is not None and (step % int(self.cfg.image_every_steps) == 0
+                                         or step == self.total_steps):
+            preview = self.preview
+            before = np.asarray(self.eval_fn(parallel.unreplicate(state["ref_params"]), {},
+                                             preview)["fused"])
+            after = np.asarray(self.eval_fn(parallel.unreplicate(state["params"]), {},
+                                            preview)["fused"])
+            writer.images(step, {"ir|vi|before|after": _grid(preview["ir"], preview["vi"],
+                                                             before, after)})
+        return None
+
+    def should_save(self, step, total_steps):
+        return step % max(int(self.cfg.checkpoint_every_steps), 1) == 0
+
+    def checkpoint(self, step, state):
+        return {"state": state, "metrics": self.metrics, "extra": self.extra}
+
+
+def _train(cfg, hp: gt.TrainHParams, workdir: Path) -> dict:
     mesh = parallel.data_mesh()
-    workdir = Path(cfg.workdir)
     per_host = parallel.local_batch_size(int(cfg.data.batch_size), mesh)
     params, mcfg = load_policy(cfg)
     reward_fn, reward_params = load_reward(cfg)
@@ -165,67 +208,16 @@ def _train(cfg, hp: gt.TrainHParams) -> dict:
                                      cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip_norm)
     state = gt.create_train_state(params, tx, objective=hp.objective)
     loader = grpo_pairs.make_loader_from_config(dcfg)
-    data_it = iter(loader)
 
-    ckpt = tu.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
-    step = 0
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(target=state)
-        state, step = restored.state, restored.step
-        if restored.iterator_state is not None:
-            data_it.set_state(restored.iterator_state)
-        log.info("resumed from %s at step %d", workdir / "checkpoints", step)
-    state = parallel.replicate(state, mesh)
-    reward_params = parallel.replicate(reward_params, mesh)
-    p_step = gt.make_train_step(hp, mcfg, tx, reward_fn, mesh, schedule)
-    eval_fn = gt.make_eval_fn(mcfg) if cfg.image_every_steps > 0 else None
-
-    writer = tu.MetricWriter(workdir / "logs", resume_step=step)
-    extra = {"config": cfg.to_dict(), "dcevo_config": mcfg.to_dict()}
-    preview = None
-    metrics: dict = {}
-    bar = None
-    if cfg.progress and jax.process_index() == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"train_grpo[{cfg.objective}]", unit="step")
-    try:
-        while step < total:
-            batch = next(data_it)
-            if preview is None:
-                preview = {k: np.asarray(batch[k][:2]) for k in ("ir", "vi")}
-            if step == cfg.debug_nan_at_step:
-                batch = _nan_batch(batch)
-            state, m = p_step(state, reward_params, parallel.shard_batch(batch, mesh))
-            tu.guard_step(ckpt, m["loss"], state, step, batch)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            if step % max(int(cfg.log_every_steps), 1) == 0 or step == total:
-                metrics = {k: float(np.asarray(v)) for k, v in parallel.unreplicate(m).items()}
-                writer.scalars(step, metrics)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}",
-                                    reward=f"{metrics.get('reward', float('nan')):.4g}")
-            if eval_fn is not None and (step % int(cfg.image_every_steps) == 0 or step == total):
-                before = np.asarray(eval_fn(parallel.unreplicate(state["ref_params"]), {},
-                                            preview)["fused"])
-                after = np.asarray(eval_fn(parallel.unreplicate(state["params"]), {},
-                                           preview)["fused"])
-                writer.images(step, {"ir|vi|before|after": _grid(preview["ir"], preview["vi"],
-                                                                 before, after)})
-            if step % max(int(cfg.checkpoint_every_steps), 1) == 0 or step == total:
-                ckpt.save(step, state, data_it.get_state(), metrics=metrics, extra=extra)
-            if cfg.debug_exit_at_step >= 0 and step - 1 == cfg.debug_exit_at_step:
-                ckpt.close()
-                writer.close()
-                os._exit(75)
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
-        ckpt.close()
-    export(cfg, parallel.unreplicate(state["params"]), mcfg, workdir)
-    return metrics
+    trainer = _GRPOTrainer(cfg, hp, mcfg, tx, schedule, reward_fn, reward_params, mesh, total)
+    exit_at = int(cfg.debug_exit_at_step)
+    result = train_loop.run(
+        trainer, workdir=workdir, state=state, data_iter=iter(loader), total_steps=total,
+        keep_checkpoints=int(cfg.keep_checkpoints), log_every=int(cfg.log_every_steps),
+        progress=bool(cfg.progress), exit_after_steps=exit_at + 1 if exit_at >= 0 else -1,
+        unit="step")
+    export(cfg, parallel.unreplicate(result.state["params"]), mcfg, workdir)
+    return trainer.metrics
 
 
 def export(cfg, params, mcfg: dcevo.DCEvoConfig, workdir: Path) -> None:
@@ -249,16 +241,16 @@ OOM_HINT = ("Lower --config.data.batch_size or --config.data.crop_size (or group
             "or more devices; the run resumes from its last checkpoint")
 
 
+def _run(cfg) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
+    train(cfg)
+
+
 def main(argv=None) -> int:
     """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
-    argv = list(sys.argv if argv is None else argv)
-
-    def body():
-        cfg = tu.parse_cli_config(argv, tu.default_config_path("grpo.py"), description=__doc__)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                            force=True)
-        train(cfg)
-    return cli.run(body, prog="train_grpo", oom_hint=OOM_HINT)
+    return train_loop.main(argv, prog="train_grpo", config_name="grpo.py", description=__doc__,
+                           oom_hint=OOM_HINT, body=_run)
 
 
 if __name__ == "__main__":

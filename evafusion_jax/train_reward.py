@@ -22,14 +22,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from evafusion_jax import cli
+from evafusion_jax.config import ConfigError
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.models.vit import ViTConfig
-from evafusion_jax.storage import checkpoints, locks
-from evafusion_jax.train import feature_cache
+from evafusion_jax.storage import checkpoints, fingerprint
+from evafusion_jax.train import feature_cache, metric_writer
+from evafusion_jax.train import loop as train_loop
 from evafusion_jax.train import parallel as par
 from evafusion_jax.train import reward_training as rt
-from evafusion_jax.train import utils as tu
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ def small_config(**kw) -> rm.RewardConfig:
     return rm.RewardConfig.tiny(vit=ViTConfig.tiny(hidden_size=64, image_size=32, patch_size=4),
                                 deconv_channels=(16, 8), score_conv_divisors=(1, 2, 4, 8, 8, 8),
                                 **kw)
-
-
-class ConfigError(ValueError):
-    """A config field is invalid or inconsistent with a checkpoint."""
 
 
 # ----------------------------------------------------------------------------- model setup
@@ -198,6 +194,7 @@ def evaluate_params(cfg, model_cfg, params, source, *, cached: bool, desc="eval"
 
 def run_eval(cfg) -> dict:
     """``mode=eval``: metrics of a reward checkpoint on ``cfg.eval.split``; writes a JSON file."""
+    train_loop.start_processes(cfg)
     ckpt = cfg.eval.checkpoint or str(Path(cfg.workdir) / "best_model")
     params, ck_cfg = checkpoints.load_params(ckpt, "reward")
     model_cfg = rm.RewardConfig.from_dict(ck_cfg).replace(
@@ -230,23 +227,116 @@ def run_eval(cfg) -> dict:
 def _export(path: Path, params, model_cfg, extra: dict) -> None:
     if jax.process_index() == 0:
         checkpoints.save_params(path, par.unreplicate(params), model_cfg.to_dict(), "reward",
-                                overwrite=True, extra=tu._jsonable(extra))
+                                overwrite=True, extra=metric_writer.json_scalars(extra))
 
 
 def train(cfg) -> dict:
     """Trains as configured; resumes from ``workdir/checkpoints`` if present.
 
     Returns a summary dict: ``step``, ``best_value``, ``last_eval`` metrics,
-    ``final_model`` path, ``resumed_from``. The workdir is locked while the run lasts
-    (``locks.WorkdirLock``: a second run on it refuses).
+    ``final_model`` path, ``resumed_from``. The loop (checkpoints, resume, NaN/inf policy,
+    logs, multi-host start-up, the workdir lock) is :mod:`evafusion_jax.train.loop`.
     """
-    with locks.WorkdirLock(Path(cfg.workdir).absolute(), "train_reward",
-                           primary=jax.process_index() == 0):
-        return _train(cfg)
+    with train_loop.session(cfg, "train_reward") as workdir:
+        return _train(cfg, workdir)
 
 
-def _train(cfg) -> dict:
-    workdir = Path(cfg.workdir).absolute()
+class _RewardTrainer(train_loop.Trainer):
+    """The reward-model step, its logs (means over the logging window), the per-epoch
+    validation that picks ``best_model`` and the checkpoint record."""
+
+    def __init__(self, cfg, model_cfg, frozen, mesh, *, cached: bool, train_backbone: bool,
+                 steps_per_epoch: int, eval_data, frozen_fp: str, workdir: Path, optimizer):
+        self.cfg, self.model_cfg, self.frozen, self.mesh = cfg, model_cfg, frozen, mesh
+        self.cached, self.steps_per_epoch, self.eval_data = cached, steps_per_epoch, eval_data
+        self.frozen_fp, self.workdir = frozen_fp, workdir
+        frozen_step = {k: v for k, v in frozen.items() if not (cached and k == rt.BACKBONE_KEY)}
+        self.frozen_rep = par.replicate(frozen_step, mesh)
+        self.train_step = rt.make_train_step(model_cfg, optimizer, mesh,
+                                             score_weight=float(cfg.score_weight),
+                                             heatmap_weight=float(cfg.heatmap_weight),
+                                             debug_nan_at_step=int(cfg.debug_nan_at_step),
+                                             train_backbone=train_backbone)
+        self.schedule = rt.make_schedule(float(cfg.init_lr), float(cfg.min_lr),
+                                         int(cfg.num_epochs), steps_per_epoch, str(cfg.schedule))
+        self.best_value = None
+        self.last_eval: dict = {}
+
+    def on_resume(self, restored):
+        extra = restored.meta.get("extra", {})
+        workdir = self.workdir
+        if extra.get("frozen_fingerprint") not in (None, self.frozen_fp):
+            raise ConfigError(
+                f"{workdir}/checkpoints was trained with other frozen weights (backbone/mixer) "
+                "than this config gives (config.init, config.init_checkpoint, config.seed, "
+                "config.mixer_init must match the interrupted run); use a new config.workdir")
+        if extra.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            raise ConfigError(
+                f"{workdir}/checkpoints was written with {extra.get('steps_per_epoch')} steps per "
+                f"epoch, this config gives {self.steps_per_epoch} (batch size or data changed); "
+                "use a new config.workdir")
+        self.best_value = extra.get("best_value")
+
+    def place(self, state):
+        return par.replicate(state, self.mesh)
+
+    def on_start(self, writer, step):
+        writer.text(step, "config", "```\n" + str(self.cfg) + "\n```")
+
+    def step(self, state, batch, step):
+        batch = _strip(batch)
+        state, metrics = self.train_step(state, self.frozen_rep, par.shard_batch(batch, self.mesh))
+        return state, metrics, batch
+
+    def log_values(self, step, window):
+        avg = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
+        avg["lr"] = float(self.schedule(step - 1))
+        avg["epoch"] = (step - 1) // self.steps_per_epoch
+        return {f"train/{k}": v for k, v in avg.items()}, {"loss": f"{avg['loss']:.4f}"}
+
+    def _full_params(self, state):
+        return rt.merge_params(par.unreplicate(state["params"]), self.frozen)
+
+    def evaluate(self, step, state, writer):
+        cfg = self.cfg
+        epoch = step // self.steps_per_epoch
+        if (step % self.steps_per_epoch or self.eval_data is None
+                or epoch % max(int(cfg.eval_every_epochs), 1)):
+            return None
+        self.last_eval = evaluate_params(cfg, self.model_cfg, self._full_params(state),
+                                         self.eval_data, cached=self.cached,
+                                         desc=f"eval epoch {epoch}")
+        self.last_eval["epoch"] = epoch
+        writer.scalars(step, self.last_eval, prefix="val/")
+        value = self.last_eval.get(str(cfg.best_metric))
+        if value is None or not np.isfinite(value):
+            logger.warning("validation %s is %s at epoch %d; best_model not updated",
+                           cfg.best_metric, value, epoch)
+        return value
+
+    def on_best(self, step, state, value):
+        epoch = step // self.steps_per_epoch
+        self.best_value = float(value)
+        _export(self.workdir / "best_model", self._full_params(state), self.model_cfg,
+                {"step": step, "epoch": epoch, "metrics": self.last_eval,
+                 "best_metric": str(self.cfg.best_metric)})
+        logger.info("new best %s=%.4f at epoch %d", self.cfg.best_metric, value, epoch)
+
+    def should_save(self, step, total_steps):
+        every = int(self.cfg.checkpoint_every_steps)
+        return step % self.steps_per_epoch == 0 or (every > 0 and step % every == 0)
+
+    def checkpoint(self, step, state):
+        extra = {"frozen_fingerprint": self.frozen_fp, "steps_per_epoch": self.steps_per_epoch,
+                 "best_value": self.best_value, "model_config": self.model_cfg.to_dict()}
+        host_state = par.unreplicate(state) if jax.process_count() > 1 else state
+        return {"state": host_state, "best_state": {"params": host_state["params"]},
+                "metrics": {"epoch": step // self.steps_per_epoch,
+                            **{f"val/{k}": v for k, v in self.last_eval.items()}},
+                "extra": extra}
+
+
+def _train(cfg, workdir: Path) -> dict:
     if cfg.batch_size < 1 or cfg.num_epochs < 1:
         raise ConfigError(f"config.batch_size ({cfg.batch_size}) and config.num_epochs "
                           f"({cfg.num_epochs}) must be >= 1")
@@ -257,8 +347,8 @@ def _train(cfg) -> dict:
     params, model_cfg = load_initial_params(cfg)
     train_backbone = bool(cfg.get("train_backbone", False))
     trained, frozen = rt.split_params(params, bool(cfg.train_mixer), train_backbone)
-    backbone_fp = tu.tree_fingerprint(params[rt.BACKBONE_KEY])
-    frozen_fp = tu.tree_fingerprint(
+    backbone_fp = fingerprint.tree_fingerprint(params[rt.BACKBONE_KEY])
+    frozen_fp = fingerprint.tree_fingerprint(
         {k: v for k, v in frozen.items() if k != rt.BACKBONE_KEY}, {"backbone": backbone_fp})
 
     mesh = par.data_mesh()
@@ -290,113 +380,25 @@ def _train(cfg) -> dict:
                                   float(cfg.grad_clip_norm))
     state = rt.init_train_state(trained, optimizer)
     state = jax.tree_util.tree_map(np.asarray, state)
-
-    ckpt = tu.TrainCheckpointer(workdir / "checkpoints", max_to_keep=int(cfg.keep_checkpoints))
     loader = _loader(cfg, train_data, local_bs, model_cfg, train=True, cached=cached)
-    data_it = iter(loader)
-    step = 0
-    best_value = None
-    resumed_from = None
-    if ckpt.latest_step() is not None:
-        restored = ckpt.restore(target=state)
-        extra = restored.meta.get("extra", {})
-        if extra.get("frozen_fingerprint") not in (None, frozen_fp):
-            raise ConfigError(
-                f"{workdir}/checkpoints was trained with other frozen weights (backbone/mixer) "
-                "than this config gives (config.init, config.init_checkpoint, config.seed, "
-                "config.mixer_init must match the interrupted run); use a new config.workdir")
-        if extra.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise ConfigError(
-                f"{workdir}/checkpoints was written with {extra.get('steps_per_epoch')} steps per "
-                f"epoch, this config gives {steps_per_epoch} (batch size or data changed); use a "
-                "new config.workdir")
-        state = restored.state
-        step = restored.step
-        best_value = extra.get("best_value")
-        if restored.iterator_state is not None:
-            data_it.set_state(restored.iterator_state)
-        resumed_from = step
-        logger.info("resumed from %s step %d", workdir / "checkpoints", step)
 
-    frozen_step = {k: v for k, v in frozen.items() if not (cached and k == rt.BACKBONE_KEY)}
-    frozen_rep = par.replicate(frozen_step, mesh)
-    state = par.replicate(state, mesh)
-    train_step = rt.make_train_step(model_cfg, optimizer, mesh,
-                                    score_weight=float(cfg.score_weight),
-                                    heatmap_weight=float(cfg.heatmap_weight),
-                                    debug_nan_at_step=int(cfg.debug_nan_at_step),
-                                    train_backbone=train_backbone)
-    writer = tu.MetricWriter(workdir / "logs", resume_step=step)
-    writer.text(step, "config", "```\n" + str(cfg) + "\n```")
-    last_eval: dict = {}
-
-    def save(step_now: int, metrics: dict | None = None):
-        extra = {"frozen_fingerprint": frozen_fp, "steps_per_epoch": steps_per_epoch,
-                 "best_value": best_value, "model_config": model_cfg.to_dict()}
-        ckpt.save(step_now, par.unreplicate(state) if n_proc > 1 else state,
-                  data_it.get_state(), metrics=metrics, extra=extra)
-
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not cfg.progress
-               or jax.process_index() != 0)
-    window: list[dict] = []
-    try:
-        while step < total_steps:
-            batch = next(data_it)
-            batch = _strip(batch)
-            state, metrics = train_step(state, frozen_rep, par.shard_batch(batch, mesh))
-            tu.guard_step(ckpt, metrics["loss"], state, step, batch)  # raises before any save
-            step += 1
-            bar.update(1)
-            window.append(metrics)
-            if step % max(int(cfg.log_every_steps), 1) == 0 or step == total_steps:
-                avg = {k: float(np.mean([float(m[k]) for m in window])) for k in window[0]}
-                avg["lr"] = float(rt.make_schedule(float(cfg.init_lr), float(cfg.min_lr),
-                                                   int(cfg.num_epochs), steps_per_epoch,
-                                                   str(cfg.schedule))(step - 1))
-                avg["epoch"] = (step - 1) // steps_per_epoch
-                writer.scalars(step, avg, prefix="train/")
-                bar.set_postfix(loss=f"{avg['loss']:.4f}")
-                window = []
-            epoch_end = step % steps_per_epoch == 0
-            epoch = step // steps_per_epoch
-            if epoch_end and eval_data is not None and epoch % max(int(cfg.eval_every_epochs), 1) == 0:
-                full = rt.merge_params(par.unreplicate(state["params"]), frozen)
-                last_eval = evaluate_params(cfg, model_cfg, full, eval_data, cached=cached,
-                                            desc=f"eval epoch {epoch}")
-                last_eval["epoch"] = epoch
-                writer.scalars(step, last_eval, prefix="val/")
-                value = last_eval.get(str(cfg.best_metric))
-                if value is None or not np.isfinite(value):
-                    logger.warning("validation %s is %s at epoch %d; best_model not updated",
-                                   cfg.best_metric, value, epoch)
-                if value is not None and np.isfinite(value) and (best_value is None
-                                                                  or value > best_value):
-                    best_value = float(value)
-                    _export(workdir / "best_model", full, model_cfg,
-                            {"step": step, "epoch": epoch, "metrics": last_eval,
-                             "best_metric": str(cfg.best_metric)})
-                    logger.info("new best %s=%.4f at epoch %d", cfg.best_metric, value, epoch)
-            if epoch_end or step == total_steps or (
-                    cfg.checkpoint_every_steps > 0 and step % int(cfg.checkpoint_every_steps) == 0):
-                save(step, {"epoch": epoch, **{f"val/{k}": v for k, v in last_eval.items()}})
-            if step == int(cfg.debug_exit_at_step):
-                import os
-                writer.flush()
-                os._exit(75)  # simulated kill: no cleanup, no final save
-        bar.close()
-        full = rt.merge_params(par.unreplicate(state["params"]), frozen)
-        _export(workdir / "final_model", full, model_cfg,
-                {"step": step, "metrics": last_eval, "best_value": best_value})
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-    summary = {"step": step, "best_value": best_value, "last_eval": last_eval,
-               "final_model": str(workdir / "final_model"), "resumed_from": resumed_from,
+    trainer = _RewardTrainer(cfg, model_cfg, frozen, mesh, cached=cached,
+                             train_backbone=train_backbone, steps_per_epoch=steps_per_epoch,
+                             eval_data=eval_data, frozen_fp=frozen_fp, workdir=workdir,
+                             optimizer=optimizer)
+    result = train_loop.run(
+        trainer, workdir=workdir, state=state, data_iter=iter(loader), total_steps=total_steps,
+        keep_checkpoints=int(cfg.keep_checkpoints), log_every=int(cfg.log_every_steps),
+        progress=bool(cfg.progress), exit_after_steps=int(cfg.debug_exit_at_step))
+    step, best_value = result.step, result.best_value
+    _export(workdir / "final_model", trainer._full_params(result.state), model_cfg,
+            {"step": step, "metrics": trainer.last_eval, "best_value": best_value})
+    summary = {"step": step, "best_value": best_value, "last_eval": trainer.last_eval,
+               "final_model": str(workdir / "final_model"), "resumed_from": result.resumed_from,
                "steps_per_epoch": steps_per_epoch}
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(tu._jsonable(summary), indent=2))
+        (workdir / "summary.json").write_text(json.dumps(metric_writer.json_scalars(summary),
+                                                         indent=2))
     return summary
 
 
@@ -407,29 +409,25 @@ OOM_HINT = ("Lower --config.batch_size / --config.eval_batch_size / --config.cac
             "checkpoint")
 
 
+def _run(cfg) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if cfg.mode == "train":
+        summary = train(cfg)
+        logger.info("done: %s", json.dumps(metric_writer.json_scalars(summary))[:2000])
+    elif cfg.mode == "eval":
+        metrics = run_eval(cfg)
+        logger.info("metrics: %s", json.dumps(metric_writer.json_scalars(metrics)))
+    else:
+        raise ConfigError(f"config.mode must be train or eval, got {cfg.mode!r}")
+
+
 def main(argv=None) -> int:
     """The command line; exit codes as documented in :mod:`evafusion_jax.cli`."""
-    argv = list(sys.argv if argv is None else argv)
-
-    def body():
-        cfg = tu.parse_cli_config(argv, tu.default_config_path("reward.py"), description=__doc__)
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("absl", "jax._src.xla_bridge"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        d = cfg.distributed
-        par.maybe_initialize_distributed(
-            d.coordinator_address or None, int(d.num_processes) or None,
-            int(d.process_id) if d.process_id >= 0 else None)
-        if cfg.mode == "train":
-            summary = train(cfg)
-            logger.info("done: %s", json.dumps(tu._jsonable(summary))[:2000])
-        elif cfg.mode == "eval":
-            metrics = run_eval(cfg)
-            logger.info("metrics: %s", json.dumps(tu._jsonable(metrics)))
-        else:
-            raise ConfigError(f"config.mode must be train or eval, got {cfg.mode!r}")
-    return cli.run(body, prog="train_reward", oom_hint=OOM_HINT)
+    return train_loop.main(argv, prog="train_reward", config_name="reward.py",
+                           description=__doc__, oom_hint=OOM_HINT, body=_run)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from evafusion_jax import (
     train_grpo,
     train_reward,
 )
+from evafusion_jax import config as config_lib
 from evafusion_jax.data import image_io, synthetic
-from evafusion_jax.train import utils as tu
+from evafusion_jax.train import nonfinite
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,7 @@ def test_run_maps_exceptions_to_codes_and_messages(capsys):
     assert cli.run(lambda: None, prog="p") == 0
     assert cli.run(raising(image_io.ImageReadError("cannot read x.png")), prog="p") == 2
     assert capsys.readouterr().err == "p: error: cannot read x.png\n"
-    assert cli.run(raising(tu.NonFiniteLossError("nan")), prog="p") == 3
+    assert cli.run(raising(nonfinite.NonFiniteLossError("nan")), prog="p") == 3
     assert cli.run(raising(KeyboardInterrupt()), prog="p") == 130
     assert "interrupted" in capsys.readouterr().err
     assert cli.run(raising(NotADirectoryError(20, "Not a directory", "/a/file/out")), prog="p") == 2
@@ -170,5 +171,5 @@ def test_config_help_lists_nested_fields(tmp_path):
         def get_config():
             return ml_collections.ConfigDict({"a": 1, "sub": {"b": "x"}})
     """))
-    text = tu.config_help("prog", "Doc.", tu.load_config_file(str(f)), str(f))
+    text = config_lib.config_help("prog", "Doc.", config_lib.load_config_file(str(f)), str(f))
     assert "--config.a=1" in text and "--config.sub.b='x'" in text

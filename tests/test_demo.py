@@ -7,7 +7,7 @@ import pytest
 
 from evafusion_jax import demo
 from evafusion_jax.storage import checkpoints
-from evafusion_jax.train import utils as tu
+from evafusion_jax.train import metric_writer
 
 SMALL = ["--steps", "2", "--train-pairs", "4", "--test-pairs", "2", "--feedback", "40",
          "--size", "48", "--crop", "32", "--batch", "2", "--regions", "4"]
@@ -59,18 +59,18 @@ def test_demo_writes_the_report_with_every_stage(report):
 def test_demo_ran_each_training_stage(report):
     work = report / "work"
     # reward model: 10 x steps at least, with dev evaluations
-    logs = tu.read_jsonl(work / "reward" / "logs" / "metrics.jsonl")
+    logs = metric_writer.read_jsonl(work / "reward" / "logs" / "metrics.jsonl")
     assert max(r["step"] for r in logs) >= 20
     assert any("val/score/plcc/Overall_Score" in r for r in logs)
     # fusion warm-up: 3 x steps of the fusion losses
-    logs = tu.read_jsonl(work / "fusion" / "logs" / "metrics.jsonl")
+    logs = metric_writer.read_jsonl(work / "fusion" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == list(range(1, 7))
     assert all("fusion_loss" in r and "reward" not in r for r in logs)
     # regions: a cache for every training pair, computed with superpixels
     index = json.loads((work / "regions" / "index.json").read_text())
     assert index["source"]["kind"] == "superpixels" and len(index["images"]) == 4
     # GRPO: steps with the reward model's terms
-    logs = tu.read_jsonl(work / "grpo" / "logs" / "metrics.jsonl")
+    logs = metric_writer.read_jsonl(work / "grpo" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == [1, 2]
     assert all("reward/texture" in r and "kl" in r for r in logs)
     # GRPO changed the network it started from

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from evafusion_jax import config as config_lib
 from evafusion_jax import demo, experiments
 from evafusion_jax.data import synthetic
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.storage import checkpoints
-from evafusion_jax.train import utils as tu
+from evafusion_jax.train import metric_writer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ def _config(assets, out, *extra):
             "--config.train.data.crop_size=32", "--config.train.data.num_regions=4",
             "--config.train.group_size=2", "--config.eval.metrics=CC,PSNR_unit,Qabf,SSIM",
             "--config.eval.bucket=16"] + list(extra)
-    return tu.parse_cli_config(argv, str(REPO / "configs" / "experiments.py"))
+    return config_lib.parse_cli_config(argv, str(REPO / "configs" / "experiments.py"))
 
 
 def test_unknown_variant_is_a_clear_error_before_any_work(assets, tmp_path):
@@ -69,7 +70,7 @@ def test_smoke_study_writes_tables_and_resumes(assets, tmp_path):
     assert (out / "ablation.csv").read_text().splitlines()[0].startswith("table,row,variant,set")
     assert (out / "ablation.png").stat().st_size > 1000
     result = out / "units" / "ppo" / "seed_0" / "result.json"
-    logs = tu.read_jsonl(out / "units" / "ppo" / "seed_0" / "train" / "logs" / "metrics.jsonl")
+    logs = metric_writer.read_jsonl(out / "units" / "ppo" / "seed_0" / "train" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == [1, 2] and "baseline" in logs[-1]
 
     # a rerun finds every unit finished: nothing is trained or evaluated again

@@ -15,7 +15,7 @@ from evafusion_jax.data import synthetic
 from evafusion_jax.storage import fileio, locks
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD = ("import sys, time; from evafusion_jax import locks; "
+HOLD = ("import sys, time; from evafusion_jax.storage import locks; "
         "l = locks.WorkdirLock(sys.argv[1], 'train_grpo').acquire(); print('held', flush=True); "
         "time.sleep(600)")
 

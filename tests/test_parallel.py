@@ -88,7 +88,7 @@ _TWO_PROCESS_WORKER = """
 import os, sys
 pid, port, ckdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 import jax
-from evafusion_jax.train import parallel as par, utils as tu
+from evafusion_jax.train import checkpointer, parallel as par
 par.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, pid)
 import numpy as np, jax.numpy as jnp
 mesh = par.data_mesh()
@@ -99,7 +99,7 @@ def step(w, b):
 f = par.data_parallel(step, mesh)
 X = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
 w = f(par.replicate(np.ones(3, np.float32), mesh), par.shard_batch({"x": X[pid * 4:(pid + 1) * 4]}, mesh))
-ck = tu.TrainCheckpointer(ckdir)
+ck = checkpointer.TrainCheckpointer(ckdir)
 ck.save(1, {"w": w}, iterator_state=f"host{pid}".encode())
 r = ck.restore(target={"w": w})
 ck.close()

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evafusion_jax import config as config_lib
 from evafusion_jax import train_grpo
 from evafusion_jax.data import synthetic
 from evafusion_jax.storage import checkpoints
-from evafusion_jax.train import utils as tu
+from evafusion_jax.train import checkpointer, metric_writer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config.dcevo.dim=8", "--config.dcevo.num_blocks=1", "--config.dcevo.c2f_n=1",
@@ -55,7 +56,7 @@ def test_kill_and_resume_gives_identical_parameters_and_nan_keeps_last_checkpoin
     obj = f"--config.objective={objective}"
     full = _run(_args(data, tmp_path / "full", obj), cache)
     assert full.returncode == 0, full.stderr[-3000:]
-    logs = tu.read_jsonl(tmp_path / "full" / "logs" / "metrics.jsonl")
+    logs = metric_writer.read_jsonl(tmp_path / "full" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     for key in ("reward", "kl", "clip_fraction", "adv_std", "reward/contrast", "loss"):
         assert key in logs[-1]
@@ -66,14 +67,14 @@ def test_kill_and_resume_gives_identical_parameters_and_nan_keeps_last_checkpoin
     run = tmp_path / "interrupted"
     killed = _run(_args(data, run, obj, "--config.debug_exit_at_step=1"), cache)
     assert killed.returncode == 75, killed.stderr[-3000:]
-    assert tu.TrainCheckpointer(run / "checkpoints").latest_step() == 2
+    assert checkpointer.TrainCheckpointer(run / "checkpoints").latest_step() == 2
     # restarted; the loss becomes NaN at step 4 (0-based 3): the run stops with an
     # error and keeps the step-3 checkpoint as the last good one, without exporting
     bad = _run(_args(data, run, obj, "--config.debug_nan_at_step=3",
                      "--config.checkpoint_every_steps=1"), cache)
     assert bad.returncode == 3  # the documented non-finite stop (evafusion_jax.cli)
     assert "resumed from" in bad.stderr and "non-finite" in bad.stderr
-    assert tu.TrainCheckpointer(run / "checkpoints").latest_step() == 3
+    assert checkpointer.TrainCheckpointer(run / "checkpoints").latest_step() == 3
     assert not (run / "dcevo_final").exists()
     # resumed again: the result equals the uninterrupted run bit for bit
     resumed = _run(_args(data, run, obj), cache)
@@ -98,15 +99,15 @@ def _flat(tree, prefix=""):
 
 
 def test_config_errors_name_the_field(data, tmp_path):
-    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.objective=reinforce"),
+    cfg = config_lib.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.objective=reinforce"),
                               str(REPO / "configs" / "grpo.py"))
     with pytest.raises(train_grpo.ConfigError, match="objective"):
         train_grpo.train(cfg)
-    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.reward_kind=model"),
+    cfg = config_lib.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.reward_kind=model"),
                               str(REPO / "configs" / "grpo.py"))
     with pytest.raises(train_grpo.ConfigError, match="reward_checkpoint"):
         train_grpo.train(cfg)
-    cfg = tu.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.group_size=3"),
+    cfg = config_lib.parse_cli_config(["prog"] + _args(data, tmp_path / "w", "--config.group_size=3"),
                               str(REPO / "configs" / "grpo.py"))
     with pytest.raises(train_grpo.ConfigError, match="even group_size"):
         train_grpo.train(cfg)
@@ -143,7 +144,7 @@ def test_two_process_run_finishes_and_process_zero_exports(data, tmp_path):
         assert p.returncode == 0, err[-3000:]
     params, cfg = checkpoints.load_params(work / "dcevo_final", "dcevo")
     assert cfg["dim"] == 8
-    assert [r["step"] for r in tu.read_jsonl(work / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in metric_writer.read_jsonl(work / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert sorted(p.name for p in (work / "checkpoints" / "checkpoints").iterdir()
                   if p.name.isdigit()) == ["2", "4"]
 
@@ -170,9 +171,9 @@ def _huge_learning_rate(data, tmp_path, capsys):
                                             "--config.checkpoint_every_steps=1")) == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "checkpoint 1, whose parameters gave this loss, was deleted" in err
-    assert tu.TrainCheckpointer(w / "checkpoints").latest_step() is None
+    assert checkpointer.TrainCheckpointer(w / "checkpoints").latest_step() is None
     assert train_grpo.main(["prog"] + _args(data, w, "--config.max_steps=2")) == 0
-    assert [r["step"] for r in tu.read_jsonl(w / "logs" / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in metric_writer.read_jsonl(w / "logs" / "metrics.jsonl")] == [1, 2]
     params, _ = checkpoints.load_params(w / "dcevo_final", "dcevo")
     assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in _flat(params).values())
 

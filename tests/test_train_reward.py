@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from evafusion_jax import config as config_lib
 from evafusion_jax import train_reward as tr
 from evafusion_jax.storage import checkpoints
-from evafusion_jax.train import utils as tu
+from evafusion_jax.train import checkpointer, metric_writer, nonfinite
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "reward.py")
@@ -53,7 +54,7 @@ def test_kill_and_resume_gives_identical_params(data, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600, cwd=str(REPO))
     assert out.returncode == 75, out.stderr[-3000:]
     assert not (killed / "final_model").exists()
-    ck = tu.TrainCheckpointer(killed / "checkpoints")
+    ck = checkpointer.TrainCheckpointer(killed / "checkpoints")
     assert ck.latest_step() == 6
     ck.close()
     # Rerun the same command: resumes from step 6 and finishes.
@@ -65,7 +66,7 @@ def test_kill_and_resume_gives_identical_params(data, tmp_path):
         np.testing.assert_array_equal(x, y)
     # The run did learn something: trained parameters moved away from their start.
     assert (straight / "best_model" / "config.json").exists()
-    recs = tu.read_jsonl(straight / "logs" / "metrics.jsonl")
+    recs = metric_writer.read_jsonl(straight / "logs" / "metrics.jsonl")
     assert any("val/avg_metric" in r for r in recs) and any("train/loss" in r for r in recs)
     assert any(p.name.startswith("events.out") for p in (straight / "logs").iterdir())
 
@@ -110,14 +111,14 @@ def test_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     rc = tr.main(_args(data, w, "--config.checkpoint_every_steps=2",
                        "--config.debug_nan_at_step=3"))
     assert rc == 3
-    ck = tu.TrainCheckpointer(w / "checkpoints")
+    ck = checkpointer.TrainCheckpointer(w / "checkpoints")
     assert ck.latest_step() == 2
     r = ck.restore()
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(r.state["params"]))
     ck.close()
     assert not (w / "final_model").exists()
-    with pytest.raises(tu.NonFiniteLossError, match="step 3"):
-        cfg = tu.parse_cli_config(_args(data, w, "--config.debug_nan_at_step=3"), CONFIG)
+    with pytest.raises(nonfinite.NonFiniteLossError, match="step 3"):
+        cfg = config_lib.parse_cli_config(_args(data, w, "--config.debug_nan_at_step=3"), CONFIG)
         tr.train(cfg)
 
 
@@ -127,7 +128,7 @@ def test_bad_inputs_are_clear(data, tmp_path):
     cfg = rm.RewardConfig.tiny()
     params = rm.init_params(cfg, jax.random.PRNGKey(0))
     ck = checkpoints.save_params(tmp_path / "tiny_reward", params, cfg.to_dict(), "reward")
-    c = tu.parse_cli_config(_args(data, tmp_path / "w", "--config.init=reward",
+    c = config_lib.parse_cli_config(_args(data, tmp_path / "w", "--config.init=reward",
                                   f"--config.init_checkpoint={ck}",
                                   "--config.model.preset=vit_b16_224"), CONFIG)
     with pytest.raises(tr.ConfigError, match="hidden_size: config 768 vs checkpoint 32"):
@@ -143,7 +144,7 @@ def test_bad_inputs_are_clear(data, tmp_path):
     (broken / "scores.jsonl").unlink()
     from evafusion_jax.data import feedback as fd
     with pytest.raises(fd.FeedbackDataError, match="scores.jsonl"):
-        tr.train(tu.parse_cli_config(_args(broken, tmp_path / "w2"), CONFIG))
+        tr.train(config_lib.parse_cli_config(_args(broken, tmp_path / "w2"), CONFIG))
     assert tr.main(_args(broken, tmp_path / "w2")) == 2
     assert not (tmp_path / "w2").exists()
 

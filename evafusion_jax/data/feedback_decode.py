@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from evafusion_jax.models.score_names import DATASET_SCORE_NAMES, SCORE_COLUMNS, SCORE_MAX, SCORE_MIN
+from evafusion_jax.models.score_names import (
+    DATASET_SCORE_NAMES,
+    SCORE_COLUMNS,
+    SCORE_MAX,
+    SCORE_MIN,
+)
 
 
 class FeedbackDataError(ValueError):

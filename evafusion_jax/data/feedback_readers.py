@@ -46,8 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from evafusion_jax.data.feedback_decode import (FeedbackDataError, check_scores, decode_image,
-                                               header_size, render_circles)
+from evafusion_jax.data.feedback_decode import (
+    FeedbackDataError,
+    check_scores,
+    decode_image,
+    header_size,
+    render_circles,
+)
 from evafusion_jax.data.image_io import IMAGE_EXTENSIONS
 from evafusion_jax.models.score_names import DATASET_SCORE_NAMES
 

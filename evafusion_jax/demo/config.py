@@ -58,16 +58,16 @@ def demo_reward_config(hidden: int = 32, image_size: int = 32, patch_size: int =
 
 
 def grpo_base_config():
-    from evafusion_jax.train import utils as tu
-    return tu.parse_cli_config(["demo", "--config", tu.default_config_path("grpo.py")],
-                               tu.default_config_path("grpo.py"))
+    from evafusion_jax import config as config_lib
+    return config_lib.parse_cli_config(["demo", "--config", config_lib.default_config_path("grpo.py")],
+                                       config_lib.default_config_path("grpo.py"))
 
 
 
 def reward_base_config():
-    from evafusion_jax.train import utils as tu
-    return tu.parse_cli_config(["demo", "--config", tu.default_config_path("reward.py")],
-                               tu.default_config_path("reward.py"))
+    from evafusion_jax import config as config_lib
+    return config_lib.parse_cli_config(["demo", "--config", config_lib.default_config_path("reward.py")],
+                                       config_lib.default_config_path("reward.py"))
 
 
 

@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("evafusion_jax").setLevel(logging.INFO)
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.utils"):
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "evafusion_jax.train.checkpointer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from evafusion_jax import cli
 

@@ -46,8 +46,8 @@ def _link_pairs(src: Path, names: Sequence[str], dst: Path, side: int = 0) -> Pa
 
 
 def _read_log(path: Path) -> list[dict]:
-    from evafusion_jax.train import utils as tu
-    return tu.read_jsonl(path) if path.is_file() else []
+    from evafusion_jax.train import metric_writer
+    return metric_writer.read_jsonl(path) if path.is_file() else []
 
 
 def _mean(xs) -> float:

@@ -24,9 +24,9 @@ import numpy as np
 
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.storage.fileio import commit_dir, staging_dir
+from evafusion_jax.storage.fingerprint import tree_fingerprint
 from evafusion_jax.train import parallel as par
 from evafusion_jax.train.reward_training import BACKBONE_KEY, pad_batch
-from evafusion_jax.train.utils import tree_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -89,6 +89,7 @@ from evafusion_jax.models import dcevo
 from evafusion_jax.rl import fusion_losses, grpo
 from evafusion_jax.rl.grpo import PREFERENCE_UNITS
 from evafusion_jax.rl.rewards import RewardFn
+from evafusion_jax.train import optimizer as optim
 from evafusion_jax.train import parallel
 
 OBJECTIVES = ("grpo", "direct", "fusion", "dpo", "ppo")
@@ -181,7 +182,8 @@ class TrainHParams:
 def make_optimizer(learning_rate: float = 1e-4, total_steps: int = 1000,
                    end_learning_rate: float = 1e-6, weight_decay: float = 0.01,
                    warmup_steps: int = 0, grad_clip_norm: float = 0.0):
-    """AdamW with cosine decay from ``learning_rate`` to ``end_learning_rate`` over ``total_steps``.
+    """AdamW (:func:`evafusion_jax.train.optimizer.adamw`) with cosine decay from
+    ``learning_rate`` to ``end_learning_rate`` over ``total_steps`` (after ``warmup_steps``).
 
     Returns (optax transformation, schedule).
     """
@@ -193,11 +195,7 @@ def make_optimizer(learning_rate: float = 1e-4, total_steps: int = 1000,
             end_value=end_learning_rate)
     else:
         schedule = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=alpha)
-    parts = []
-    if grad_clip_norm and grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
-    return optax.chain(*parts), schedule
+    return optim.adamw(schedule, weight_decay, grad_clip_norm), schedule
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation,

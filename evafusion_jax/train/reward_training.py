@@ -37,6 +37,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from evafusion_jax.models import reward_model as rm
+from evafusion_jax.train import optimizer as optim
 from evafusion_jax.train import parallel as par
 
 logger = logging.getLogger(__name__)
@@ -97,12 +98,9 @@ def make_optimizer(init_lr: float = 2e-5, min_lr: float = 1e-5, num_epochs: int 
                    steps_per_epoch: int = 1, weight_decay: float = 2e-3,
                    schedule: str = "released", grad_clip_norm: float = 0.0
                    ) -> optax.GradientTransformation:
-    """AdamW as released (torch defaults: b1 0.9, b2 0.999, eps 1e-8)."""
-    sched = make_schedule(init_lr, min_lr, num_epochs, steps_per_epoch, schedule)
-    opt = optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-    if grad_clip_norm and grad_clip_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(grad_clip_norm), opt)
-    return opt
+    """AdamW as released (:func:`evafusion_jax.train.optimizer.adamw`) on :func:`make_schedule`."""
+    return optim.adamw(make_schedule(init_lr, min_lr, num_epochs, steps_per_epoch, schedule),
+                           weight_decay, grad_clip_norm)
 
 
 def init_train_state(trained: Any, optimizer: optax.GradientTransformation) -> dict:
