@@ -8,6 +8,7 @@ from PIL import Image
 
 from evafusion_jax.data import grpo_pairs as gp
 from evafusion_jax.data import regions
+from evafusion_jax.storage import fileio
 
 
 def write_pairs(root, n=4, size=(40, 48), seed=0, colour_vi=True, levels=None):
@@ -30,7 +31,7 @@ def write_pairs(root, n=4, size=(40, 48), seed=0, colour_vi=True, levels=None):
 
 def write_cache(cache, entries, k, source=None):
     images = {name: regions.write_region_file(cache, name, m, v) for name, (m, v) in entries.items()}
-    regions.write_json_atomic(cache / "index.json", {
+    fileio.write_json_atomic(cache / "index.json", {
         "format_version": 1, "num_regions": k, "source": source or {"kind": "test"},
         "images": images, "complete": True})
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from evafusion_jax.data import regions
+from evafusion_jax.storage import fileio
 
 
 def test_pack_unpack_round_trip_odd_width():
@@ -95,7 +96,7 @@ def _write_cache(tmp_path, entries, k):
     images = {}
     for name, (masks, valid) in entries.items():
         images[name] = regions.write_region_file(tmp_path, name, masks, valid)
-    regions.write_json_atomic(tmp_path / "index.json", {
+    fileio.write_json_atomic(tmp_path / "index.json", {
         "format_version": 1, "num_regions": k, "source": {"kind": "grid"}, "images": images,
         "complete": True})
 

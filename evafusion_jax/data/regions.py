@@ -52,7 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from evafusion_jax.storage.fileio import atomic_path, write_json_atomic  # noqa: F401 - re-exported
+from evafusion_jax.storage.fileio import atomic_path
 
 CACHE_FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
