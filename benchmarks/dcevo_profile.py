@@ -4,8 +4,8 @@
 
 Random weights, the released widths. Compiles ``jax.grad`` of the mean fused output
 with respect to the parameters twice: with the dense convolutions as ``flax.linen.Conv``
-(what ``dcevo.py`` uses) and as ``models/convolution.Conv`` (same forward, kernel
-gradient as per-tap matrix products), times them interleaved (median of ``--repeats``)
+(XLA's kernel gradient; what ``dcevo.py`` used before) and as ``models/convolution.Conv``
+(what ``dcevo.py`` uses: same forward, kernel gradient as per-tap matrix products), times them interleaved (median of ``--repeats``)
 and prints, for each: XLA's FLOPs and bytes accessed, the temporary memory of the
 compiled step, the HLO op kinds of the optimised module by count, and the ``--top``
 largest arrays its entry computation produces (what holds the memory).
@@ -21,28 +21,29 @@ import json
 import re
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_medians
 
-from evafusion_jax.models import convolution, dcevo
+from evafusion_jax.models import dcevo
 
 _DT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "pred": 1, "u32": 4, "s8": 1, "u8": 1}
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\(")
 
 
 @contextlib.contextmanager
-def dense_convs_as_convolution_conv():
-    """Inside: ``dcevo._conv`` builds its dense convolutions as ``convolution.Conv``."""
+def dense_convs_as_flax_conv():
+    """Inside: ``dcevo._conv`` builds its dense convolutions as ``flax.linen.Conv``."""
     orig = dcevo._conv
 
     def patched(features, kernel, name, config, padding=0, groups=1, use_bias=False):
         if groups > 1:
             return orig(features, kernel, name, config, padding, groups, use_bias)
-        return convolution.Conv(features, (kernel, kernel), padding=padding, use_bias=use_bias,
-                                dtype=config.compute_dtype, precision=config.lax_precision,
-                                name=name)
+        return nn.Conv(features, (kernel, kernel), padding=((padding, padding),) * 2,
+                       use_bias=use_bias, dtype=config.compute_dtype, param_dtype=jnp.float32,
+                       precision=config.lax_precision, name=name)
 
     dcevo._conv = patched
     try:
@@ -89,8 +90,8 @@ def main():
         return jax.jit(jax.grad(lambda p, a, b: jnp.mean(dcevo.apply_model(p, a, b, cfg)["fused"])))
 
     compiled = {}
-    for name, ctx in (("flax_conv", contextlib.nullcontext()),
-                      ("convolution_conv", dense_convs_as_convolution_conv())):
+    for name, ctx in (("flax_conv", dense_convs_as_flax_conv()),
+                      ("convolution_conv", contextlib.nullcontext())):
         with ctx:
             t0 = time.perf_counter()
             c = make().lower(params, ir, vi).compile()

@@ -21,6 +21,14 @@ runs, theirs first on even ones) after one warm-up each (and our compile), so th
 other processes hits both alike. Reported: median wall time and median CPU time (all threads of
 the process) over ``--runs``, and ratio = theirs / ours (> 1: ours is faster). PyTorch gets
 ``torch.set_num_threads(--threads)`` (default: all cores); XLA uses its default pool (all cores).
+
+``--devices N`` (default: the number of cores, at most ``--batch``) runs ours on N XLA CPU
+devices (``--xla_force_host_platform_device_count``, set before JAX starts) with the batch split
+over them under ``shard_map``, as the trainers' data-parallel steps do (``train/parallel.py``;
+the parameter gradient is averaged with ``pmean``). One XLA CPU device runs most of its
+element-wise loops on one thread, so a batch split over as many devices as cores is how XLA
+uses the cores that PyTorch's intra-op threads use. ``--devices 1``: one device, as a plain
+``jax.jit`` on a CPU-only machine runs.
 """
 
 from __future__ import annotations
@@ -34,35 +42,73 @@ import subprocess
 import sys
 import time
 
+
+def _devices_from_argv(argv) -> int:
+    """``--devices`` before JAX starts (its host device count is fixed at start-up)."""
+    batch, devices = 2, None
+    for i, a in enumerate(argv):
+        for name in ("--batch", "--devices"):
+            val = a.split("=", 1)[1] if a.startswith(name + "=") else (
+                argv[i + 1] if a == name and i + 1 < len(argv) else None)
+            if val is not None and val.isdigit():
+                batch, devices = (int(val), devices) if name == "--batch" else (batch, int(val))
+    return devices if devices is not None else max(1, min(os.cpu_count() or 1, batch))
+
+
+if __name__ == "__main__":
+    _n_dev = _devices_from_argv(sys.argv[1:])
+    if _n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={_n_dev}").strip()
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from evafusion_jax.models import dcevo
 from evafusion_jax.models import reward_model as rm
 from evafusion_jax.models.vit import ViTConfig
+from evafusion_jax.train import parallel
 
 VITS = {"b16_224": ViTConfig.vit_b16_224, "l16_384": ViTConfig.vit_l16_384,
         "tiny": lambda: ViTConfig.tiny(hidden_size=64, image_size=32, patch_size=16)}
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_torch_ref.py")
 
 
-def _ours(cases, batch, size, vit):
+def _ours(cases, batch, size, vit, devices=1):
+    """Our jitted callables; with ``devices`` > 1 the batch is split over that many devices."""
     out = {}
     key = jax.random.PRNGKey(0)
+    mesh = parallel.data_mesh(jax.devices()[:devices]) if devices > 1 else None
+
+    def compile_(fn, nbatch, per_example):
+        # fn(params, *batch_args); per_example: outputs keep the batch axis (else replicated)
+        if mesh is None:
+            return jax.jit(fn)
+        return parallel.data_parallel(fn, mesh, batch_argnums=tuple(range(1, 1 + nbatch)),
+                                      out_specs=P(parallel.DATA_AXIS) if per_example else P())
+
+    def place(params, *xs):
+        if mesh is None:
+            return (params, *xs)
+        return (parallel.replicate(params, mesh), *parallel.shard_batch(xs, mesh))
+
     if {"dcevo_fwd", "dcevo_fwd_bwd"} & set(cases):
         dcfg = dcevo.DCEvoConfig()
-        dp = dcevo.init_params(dcfg, 0)
         ir = jax.random.uniform(key, (batch, size, size, 1))
         vi = jax.random.uniform(jax.random.PRNGKey(1), (batch, size, size, 1))
-        fwd = jax.jit(lambda p, a, b: dcevo.apply_model(p, a, b, dcfg)["fused"])
-        grad = jax.jit(jax.grad(lambda p, a, b: jnp.mean(dcevo.apply_model(p, a, b, dcfg)["fused"])))
+        dp, ir, vi = place(dcevo.init_params(dcfg, 0), ir, vi)
+        fwd = compile_(lambda p, a, b: dcevo.apply_model(p, a, b, dcfg)["fused"], 2, True)
+        g = jax.grad(lambda p, a, b: jnp.mean(dcevo.apply_model(p, a, b, dcfg)["fused"]))
+        grad = compile_(g if mesh is None else
+                        (lambda p, a, b: jax.lax.pmean(g(p, a, b), parallel.DATA_AXIS)), 2, False)
         out["dcevo_fwd"] = lambda: fwd(dp, ir, vi)
         out["dcevo_fwd_bwd"] = lambda: grad(dp, ir, vi)
     if "reward_fwd" in cases:
         rcfg = rm.RewardConfig(vit=vit)
-        rp = rm.init_params(rcfg, 0)
         x = jax.random.uniform(key, (batch, vit.image_size, vit.image_size, 3), minval=-1, maxval=1)
-        f = jax.jit(lambda p, x: rm.apply(p, x, x, x, rcfg))
+        rp, x = place(rm.init_params(rcfg, 0), x)
+        f = compile_(lambda p, x: rm.apply(p, x, x, x, rcfg), 1, True)
         out["reward_fwd"] = lambda: f(rp, x)
     return {c: out[c] for c in cases}
 
@@ -113,8 +159,19 @@ def main(argv=None):
     ap.add_argument("--vit", default="b16_224", choices=sorted(VITS))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--devices", type=int, default=None,
+                    help="XLA CPU devices for ours, the batch split over them (default: cores, "
+                         "at most --batch; module docstring)")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    devices = args.devices if args.devices is not None else max(1, min(os.cpu_count() or 1,
+                                                                        args.batch))
+    if devices < 1 or args.batch % devices:
+        ap.error(f"--batch {args.batch} must be a multiple of --devices {devices}")
+    if len(jax.devices()) < devices:
+        ap.error(f"--devices {devices}: JAX has {len(jax.devices())} device(s); run this file as "
+                 f"a script (it sets XLA_FLAGS=--xla_force_host_platform_device_count before JAX "
+                 f"starts) or set that flag yourself")
     cases = [c for c in args.only.split(",") if c]
     unknown = set(cases) - {"dcevo_fwd", "dcevo_fwd_bwd", "reward_fwd"}
     if unknown:
@@ -136,10 +193,10 @@ def main(argv=None):
                         patch_size=vit.patch_size))
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; jax {jax.__version__} on {jax.devices()[0].platform}; "
-          f"torch threads {args.threads}; batch {args.batch}, DCEvo {args.size}x{args.size}, "
+          f"torch threads {args.threads}; ours on {devices} XLA device(s); batch {args.batch}, DCEvo {args.size}x{args.size}, "
           f"ViT {args.vit}", flush=True)
     theirs = _Theirs(args.ref_python, cfg)
-    ours = _ours(cases, args.batch, args.size, vit)
+    ours = _ours(cases, args.batch, args.size, vit, devices)
     rows = []
     try:
         for case in cases:
@@ -153,6 +210,7 @@ def main(argv=None):
                 for who in order:
                     res[who].append(_time_ours(ours[case]) if who == "ours" else theirs.run(case))
             row = {"case": case, "compile_s": round(compile_s, 1), "runs": args.runs,
+                   "devices": devices,
                    "load_average": round(os.getloadavg()[0], 1)}
             for who in ("ours", "theirs"):
                 for k in ("wall", "cpu"):

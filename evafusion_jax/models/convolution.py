@@ -15,7 +15,9 @@ per-tap products run at about the forward's speed. For a transposed convolution
 (``lhs_dilation`` 2) they also skip the three quarters of zeros of the dilated input.
 
 :class:`Conv` is a drop-in for ``flax.linen.Conv`` (same ``kernel`` / ``bias``
-parameters) using it.
+parameters) using it: the reward model's heads and up-convolutions and DCEvo's dense
+(ungrouped) convolutions use it (DCEvo forward + backward 64x64 batch 2: 6.5 s -> 4.6 s on
+a 2-core CPU; ``benchmarks/dcevo_profile.py``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax.models import numerics
+from evafusion_jax.models import convolution, numerics
 from evafusion_jax.models.init_utils import init_tree
 
 __all__ = [
@@ -263,6 +263,10 @@ def _conv(features, kernel, name, config, padding=0, groups=1, use_bias=False):
     # A bare conv named like the torch module (its params sit directly under `name`).
     if groups > 1 and groups == features:
         return DepthwiseConv(features, kernel, padding, use_bias, config.compute_dtype, name=name)
+    if groups == 1:  # XLA's forward and input gradient, per-tap matrix products for the kernel's
+        return convolution.Conv(features, (kernel, kernel), padding=padding, use_bias=use_bias,
+                                dtype=config.compute_dtype, precision=config.lax_precision,
+                                name=name)
     return nn.Conv(features, (kernel, kernel), padding=((padding, padding), (padding, padding)),
                    feature_group_count=groups, use_bias=use_bias, dtype=config.compute_dtype,
                    param_dtype=jnp.float32, precision=config.lax_precision, name=name)
