@@ -176,7 +176,10 @@ def _demo_args(cfg):
     """The demo's options for the shared initial stages (data, reward model, fusion warm-up)."""
     from evafusion_jax import demo
     i, d, t = cfg.init, cfg.data, cfg.train
+    # the demo's proportions: reward model 10x, fusion warm-up 3x the GRPO steps
     argv = ["--seed", str(i.seed), "--steps", str(max(int(i.steps), 1)),
+            "--reward-steps", str(10 * max(int(i.steps), 1)),
+            "--warmup-steps", str(3 * max(int(i.steps), 1)),
             "--pairs", str(d.train_dir), "--test-pairs", str(max(int(d.heldout), 1)),
             "--train-pairs", str(int(d.max_train_pairs) if d.max_train_pairs > 0 else 10 ** 9),
             "--crop", str(t.data.crop_size), "--batch", str(t.data.batch_size),

@@ -10,7 +10,8 @@ from evafusion_jax.storage import checkpoints
 from evafusion_jax.train import metric_writer
 
 SMALL = ["--steps", "2", "--train-pairs", "4", "--test-pairs", "2", "--feedback", "40",
-         "--size", "48", "--crop", "32", "--batch", "2", "--regions", "4"]
+         "--size", "48", "--crop", "32", "--batch", "2", "--regions", "4",
+         "--reward-steps", "20", "--warmup-steps", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_demo_writes_the_report_with_every_stage(report):
     assert g["policy_crops"] >= 2 and g["group_size"] == 8
     assert "DCEvo before GRPO" in md and "DCEvo after GRPO" in md
     # the before/after numbers a script compares (benchmarks/demo_seeds.py)
-    assert g["region_reward"] == "masked"
+    assert g["region_reward"] == "composite"  # the demo default
     ba = s["before_after"]
     assert ba["policy_region_reward"] == {"before": g["policy_reward_before"],
                                           "after": g["policy_reward_after"]}
@@ -58,11 +59,11 @@ def test_demo_writes_the_report_with_every_stage(report):
 
 def test_demo_ran_each_training_stage(report):
     work = report / "work"
-    # reward model: 10 x steps at least, with dev evaluations
+    # reward model: --reward-steps at least (whole epochs), with dev evaluations
     logs = metric_writer.read_jsonl(work / "reward" / "logs" / "metrics.jsonl")
     assert max(r["step"] for r in logs) >= 20
     assert any("val/score/plcc/Overall_Score" in r for r in logs)
-    # fusion warm-up: 3 x steps of the fusion losses
+    # fusion warm-up: --warmup-steps of the fusion losses
     logs = metric_writer.read_jsonl(work / "fusion" / "logs" / "metrics.jsonl")
     assert [r["step"] for r in logs] == list(range(1, 7))
     assert all("fusion_loss" in r and "reward" not in r for r in logs)

@@ -131,7 +131,8 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
               "pipeline works end to end; they say nothing about the method's quality on real "
               "images.\n\n")
     md.append(f"Command: `python -m evafusion_jax.demo {' '.join(args.argv)}`  \n")
-    md.append(f"Seed {args.seed}, --steps {args.steps}; {data['num_train']} training pairs, "
+    md.append(f"Seed {args.seed}, --steps {args.steps} (GRPO), --warmup-steps {args.warmup_steps}, "
+              f"--reward-steps {args.reward_steps}; {data['num_train']} training pairs, "
               f"{data['num_test']} held-out pairs; total time {timings['total']:.0f} s.\n\n")
     md.append("## Stages\n\n")
     md.append(_md_table(["stage", "seconds"], [[s, f"{timings[s]:.1f}"] for s in STAGES]))
@@ -231,7 +232,8 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
         return str(Path(p).relative_to(out)) if str(p).startswith(str(out)) else str(p)
     summary = {
         "synthetic_feedback": not args.reward, "synthetic_pairs": synthetic_pairs,
-        "seed": args.seed, "steps": args.steps, "timings_s": timings,
+        "seed": args.seed, "steps": args.steps, "warmup_steps": args.warmup_steps,
+        "reward_steps": args.reward_steps, "timings_s": timings,
         "reward_model": {"trained": reward["trained"], "checkpoint": rel(reward["checkpoint"]),
                          **({"dev": reward["eval"]["dev"], "test": reward["eval"]["test"]}
                             if reward["trained"] else {})},

@@ -136,13 +136,13 @@ def stage_reward(args, work: Path, data: dict) -> dict:
     from evafusion_jax.data import feedback as fd
     n_train = len(fd.open_split(cfg.data.path, "train"))
     steps_per_epoch = max(n_train // cfg.batch_size, 1)
-    epochs = max(-(-10 * args.steps // steps_per_epoch), 1)
+    epochs = max(-(-args.reward_steps // steps_per_epoch), 1)
     # about three dev evaluations, the last one after the final epoch
     cfg.eval_every_epochs = max(epochs // 3, 1)
     cfg.num_epochs = -(-epochs // cfg.eval_every_epochs) * cfg.eval_every_epochs
     cfg.max_steps = -1
-    cfg.init_lr = 1e-3
-    cfg.min_lr = 1e-4
+    cfg.init_lr = args.reward_lr
+    cfg.min_lr = args.reward_lr / 10
     cfg.schedule = "cosine"
     cfg.weight_decay = 1e-4
     cfg.log_every_steps = max(steps_per_epoch * cfg.num_epochs // 50, 1)
@@ -189,7 +189,7 @@ def stage_fusion(args, work: Path, data: dict) -> dict:
         if k in cfg.dcevo:
             cfg.dcevo[k] = v
     _grpo_data(cfg, args, data["train"], "grid")
-    cfg.max_steps = 3 * args.steps
+    cfg.max_steps = args.warmup_steps
     cfg.learning_rate = 2e-3
     cfg.end_learning_rate = 2e-4
     cfg.weight_decay = 0.0
