@@ -138,16 +138,48 @@ def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
     raise Terminated()
 
 
+def _redeliver_swallowed_interrupts(previous_hook):
+    """An ``sys.unraisablehook`` that does not let Python swallow an interruption.
+
+    A signal's exception is raised wherever the main thread happens to be, and that can be
+    a place whose exceptions Python only prints and ignores: a ``gc.callbacks`` function
+    (JAX registers one, run at every garbage collection), a ``__del__`` method, a weakref
+    callback. Ctrl-C or SIGTERM would then be lost and the program would run on to the
+    end. This hook drops such an ignored ``KeyboardInterrupt`` / :class:`Terminated` and,
+    from a helper thread once the hook has returned (raised within the hook, it would be
+    ignored again), signals the main thread again (``_thread.interrupt_main``): the handler
+    raises once more, in ordinary code. Anything else goes to ``previous_hook``.
+    """
+    import _thread
+
+    def hook(unraisable):
+        kind = unraisable.exc_type
+        if isinstance(kind, type) and issubclass(kind, (KeyboardInterrupt, Terminated)):
+            signum = signal.SIGINT if issubclass(kind, KeyboardInterrupt) else signal.SIGTERM
+            timer = threading.Timer(0.001, _thread.interrupt_main, args=(signum,))
+            timer.daemon = True
+            timer.start()
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
 @contextlib.contextmanager
 def sigterm_as_exception() -> Iterator[None]:
-    """While active (main thread only), SIGTERM raises :class:`Terminated` in the main thread."""
+    """While active (main thread only), SIGTERM raises :class:`Terminated` in the main thread,
+    and neither it nor Ctrl-C's ``KeyboardInterrupt`` can be swallowed by a garbage-collection
+    callback or a finaliser (see :func:`_redeliver_swallowed_interrupts`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_swallowed_interrupts(old_hook)
     try:
         yield
     finally:
+        sys.unraisablehook = old_hook
         signal.signal(signal.SIGTERM, old)
 
 

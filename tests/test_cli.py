@@ -87,6 +87,38 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys):
     assert signal.getsignal(signal.SIGTERM) == before  # handler restored
 
 
+@pytest.mark.parametrize("exc, code", [(KeyboardInterrupt, cli.EXIT_INTERRUPTED), (cli.Terminated, cli.EXIT_TERMINATED)])
+def test_an_interrupt_raised_inside_a_gc_callback_is_not_lost(exc, code, capsys):
+    """Ctrl-C / SIGTERM landing in a garbage-collection callback (JAX registers one) is only
+    printed and ignored by Python; the runner must deliver it again so the program stops."""
+    import gc
+    import sys
+    import time
+
+    fired = []
+
+    def callback(phase, info):  # noqa: ARG001 - gc callback signature
+        if not fired:
+            fired.append(True)
+            raise exc()
+
+    def body():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the re-delivered signal raises here
+                pass
+        finally:
+            gc.callbacks.remove(callback)
+        return 0
+
+    hook = sys.unraisablehook
+    assert cli.run(body, prog="p") == code
+    assert fired == [True] and "interrupted" in capsys.readouterr().err
+    assert sys.unraisablehook is hook  # hook restored
+
+
 def test_output_under_a_file_is_a_clear_error_in_every_cli(tmp_path, capsys):
     data = synthetic.write_pairs_folder(tmp_path / "data", 2, 16, 16, 0)
     blocker = tmp_path / "not_a_folder"
