@@ -97,7 +97,7 @@ def test_an_interrupt_raised_inside_a_gc_callback_is_not_lost(exc, code, capsys)
 
     fired = []
 
-    def callback(phase, info):  # noqa: ARG001 - gc callback signature
+    def callback(phase, info):  # the gc callback signature
         if not fired:
             fired.append(True)
             raise exc()
