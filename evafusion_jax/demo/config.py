@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam", help="segment_anything checkpoint: SAM regions instead of superpixels")
     p.add_argument("--sam-model-type", default="vit_b", choices=("vit_h", "vit_l", "vit_b", "tiny"),
                    help="architecture of the --sam checkpoint (default vit_b)")
-    g = p.add_argument_group("sizes (defaults: about 8.5 min on 2 CPU cores)")
+    g = p.add_argument_group("sizes (defaults: about 6 min on 2 CPU cores)")
     g.add_argument("--train-pairs", type=int, default=16)
     g.add_argument("--test-pairs", type=int, default=4)
     g.add_argument("--size", type=int, default=64, help="side of the synthetic pairs")
