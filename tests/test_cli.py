@@ -87,7 +87,8 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys):
     assert signal.getsignal(signal.SIGTERM) == before  # handler restored
 
 
-@pytest.mark.parametrize("exc, code", [(KeyboardInterrupt, cli.EXIT_INTERRUPTED), (cli.Terminated, cli.EXIT_TERMINATED)])
+@pytest.mark.parametrize("exc, code", [(KeyboardInterrupt, cli.EXIT_INTERRUPTED),
+                                       (cli.Terminated, cli.EXIT_TERMINATED)])
 def test_an_interrupt_raised_inside_a_gc_callback_is_not_lost(exc, code, capsys):
     """Ctrl-C / SIGTERM landing in a garbage-collection callback (JAX registers one) is only
     printed and ignored by Python; the runner must deliver it again so the program stops."""
