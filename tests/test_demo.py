@@ -37,6 +37,7 @@ def test_demo_writes_the_report_with_every_stage(report):
 
     s = json.loads((report / "summary.json").read_text())
     assert s["synthetic_feedback"] and s["synthetic_pairs"]
+    assert s["test_pairs"] == 2 and s["test_seed"] == 1000  # the fixed held-out set
     assert set(demo.STAGES) <= set(s["timings_s"])
     for split in ("dev", "test"):
         assert "score/plcc/Overall_Score" in s["reward_model"][split]
@@ -98,6 +99,7 @@ def test_demo_refuses_a_non_empty_out_folder(report):
     (["--grpo-group", "3"], "--grpo-group must be an even number"),
     (["--size", "32", "--crop", "32"], "need pairs of at least 48x48"),
     (["--crop", "80", "--size", "64"], "larger than the synthetic pairs"),
+    (["--seed", "7", "--test-seed", "7"], "--seed 7 equals --test-seed"),
 ])
 def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message):
     out = tmp_path / "out"
@@ -105,6 +107,23 @@ def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message)
     assert message in caplog.text
     assert not out.exists()
     assert not any(tmp_path.iterdir())
+
+
+def test_heldout_pairs_are_the_same_for_every_seed(report, tmp_path):
+    """Synthetic held-out pairs come from --test-seed, not --seed: one test set for all runs
+    (the training pairs do follow --seed)."""
+    from evafusion_jax.demo import config, stages
+    args = config.build_parser().parse_args(SMALL + ["--seed", "3", "--reward", "unused"])
+    data = stages.stage_data(args, tmp_path)
+    ours = report / "work" / "data"
+    for sub in ("ir", "vi"):
+        names = sorted(p.name for p in (data["test"] / sub).glob("*.png"))
+        assert names == sorted(p.name for p in (ours / "pairs_test" / sub).glob("*.png"))
+        for n in names:
+            theirs = (ours / "pairs_test" / sub / n).read_bytes()
+            assert (data["test"] / sub / n).read_bytes() == theirs
+    first = "ir/00000.png"
+    assert (data["train"] / first).read_bytes() != (ours / "pairs_train" / first).read_bytes()
 
 
 def test_pairs_folder_without_partner_files_is_an_error(tmp_path, caplog):

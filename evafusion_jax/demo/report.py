@@ -133,7 +133,10 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
     md.append(f"Command: `python -m evafusion_jax.demo {' '.join(args.argv)}`  \n")
     md.append(f"Seed {args.seed}, --steps {args.steps} (GRPO), --warmup-steps {args.warmup_steps}, "
               f"--reward-steps {args.reward_steps}; {data['num_train']} training pairs, "
-              f"{data['num_test']} held-out pairs; total time {timings['total']:.0f} s.\n\n")
+              f"{data['num_test']} held-out pairs"
+              + ("" if args.pairs else f" (synthetic, --test-seed {args.test_seed}: the same "
+                                       "for every --seed)")
+              + f"; total time {timings['total']:.0f} s.\n\n")
     md.append("## Stages\n\n")
     md.append(_md_table(["stage", "seconds"], [[s, f"{timings[s]:.1f}"] for s in STAGES]))
 
@@ -234,6 +237,7 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
         "synthetic_feedback": not args.reward, "synthetic_pairs": synthetic_pairs,
         "seed": args.seed, "steps": args.steps, "warmup_steps": args.warmup_steps,
         "reward_steps": args.reward_steps, "timings_s": timings,
+        "test_pairs": data["num_test"], "test_seed": None if args.pairs else args.test_seed,
         "reward_model": {"trained": reward["trained"], "checkpoint": rel(reward["checkpoint"]),
                          **({"dev": reward["eval"]["dev"], "test": reward["eval"]["test"]}
                             if reward["trained"] else {})},

@@ -84,7 +84,7 @@ def stage_data(args, work: Path) -> dict:
                                                         args.size, args.size, seed=args.seed)
             bar.update(1)
             out["test"] = synthetic.write_pairs_folder(data / "pairs_test", args.test_pairs,
-                                                       args.size, args.size, seed=args.seed + 1000)
+                                                       args.size, args.size, seed=args.test_seed)
             bar.update(1)
             out["pairs_kind"] = "SYNTHETIC procedural scenes (evafusion_jax.data.synthetic)"
         if not args.reward:
