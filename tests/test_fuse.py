@@ -198,10 +198,17 @@ def test_ctrl_c_and_sigterm_say_interrupted_and_remove_the_staging_folder(tmp_pa
     for sig in (signal.SIGINT, signal.SIGTERM):  # one at a time: the other cannot finish meanwhile
         parent = tmp_path / f"p{int(sig)}"
         parent.mkdir()
-        p = subprocess.Popen(
-            [sys.executable, "-m", "evafusion_jax.fuse", "--init-random", "tiny", "--pairs", str(data),
-             "--out", str(parent / "out"), "--bucket", "1", "--quiet"],
-            env=env, stderr=subprocess.PIPE, text=True)
+        # a handled (not ignored) SIGINT here gives the child SIGINT at its default, so Python
+        # installs its Ctrl-C handler there, even where the test runner inherited SIGINT
+        # ignored (a shell's background job)
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "evafusion_jax.fuse", "--init-random", "tiny", "--pairs",
+                 str(data), "--out", str(parent / "out"), "--bucket", "1", "--quiet"],
+                env=env, stderr=subprocess.PIPE, text=True)
+        finally:
+            signal.signal(signal.SIGINT, old)
         deadline = time.time() + 300
         while not any(parent.glob(".out.tmp-*")) and p.poll() is None and time.time() < deadline:
             time.sleep(0.02)
