@@ -14,9 +14,10 @@ DEMO_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM", "CC"
 SCORE_LABELS = SCORE_TYPES  # the reward model's score names (models/score_names.py)
 
 
-#: GRPO and fusion warm-up steps of the demo. With 120 warm-up steps the warm-up networks of
-#: seeds 0-4 differed more (one started close to where GRPO ends and gained less than the
-#: seed-to-seed spread); 300 left every seed a gain above it (README "Region rewards in the demo").
+#: GRPO and fusion warm-up steps of the demo. With 120 warm-up steps GRPO gained less than the
+#: seed-to-seed spread on seed 2 (its warm-up network started close to where GRPO ended); with
+#: 300 the spread stayed the same but GRPO went further on every seed (README "Region rewards
+#: in the demo, and what GRPO gains").
 GRPO_STEPS = 80
 WARMUP_STEPS = 300
 #: Held-out synthetic pairs: how many, and the seed they are drawn from. The seed is fixed (not
