@@ -45,7 +45,8 @@ def get_config(preset: str = "cpu"):
     c.init = ml_collections.ConfigDict(dict(
         dcevo_checkpoint="", reward_checkpoint="", vit_checkpoint="", seed=0,
         steps=12,                  # demo --steps: 10x reward-model steps, 3x fusion warm-up steps
-        feedback=240, feedback_size=32))
+        feedback=240, feedback_size=32,
+        pairs_min_detail=0.03))    # demo --pairs-min-detail (0: feedback crops drawn anywhere)
 
     # Fine-tuning pairs (train_dir; its last `heldout` pairs are held out and evaluated as
     # `train_name`) and further held-out folders (NAME=DIR,NAME=DIR; at most eval_max_pairs each).

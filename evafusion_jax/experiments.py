@@ -184,7 +184,8 @@ def _demo_args(cfg):
             "--train-pairs", str(int(d.max_train_pairs) if d.max_train_pairs > 0 else 10 ** 9),
             "--crop", str(t.data.crop_size), "--batch", str(t.data.batch_size),
             "--regions", str(t.data.num_regions), "--feedback", str(i.feedback),
-            "--feedback-size", str(i.feedback_size)]
+            "--feedback-size", str(i.feedback_size),
+            "--pairs-min-detail", str(i.pairs_min_detail)]
     for opt, v in (("--vit", i.vit_checkpoint), ("--reward", i.reward_checkpoint),
                    ("--dcevo", i.dcevo_checkpoint)):
         if v:

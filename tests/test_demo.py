@@ -100,6 +100,7 @@ def test_demo_refuses_a_non_empty_out_folder(report):
     (["--size", "32", "--crop", "32"], "need pairs of at least 48x48"),
     (["--crop", "80", "--size", "64"], "larger than the synthetic pairs"),
     (["--seed", "7", "--test-seed", "7"], "--seed 7 equals --test-seed"),
+    (["--pairs-min-detail", "-0.1"], "--pairs-min-detail must be >= 0"),
 ])
 def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message):
     out = tmp_path / "out"
@@ -156,5 +157,7 @@ def test_demo_on_real_pairs_builds_feedback_from_them(tmp_path):
     fb = [json.loads(x) for x in (data / "feedback_SYNTHETIC" / "scores.jsonl").read_text()
           .splitlines()]
     assert len(fb) == 40
+    assert s["pairs_min_detail"] == synthetic.REAL_MIN_DETAIL
+    assert "visible-detail rms >= " in (data / "feedback_SYNTHETIC" / "README.txt").read_text()
     assert all(np.isfinite(v) for k in ("policy_region_reward", "heldout_reward")
                for v in s["before_after"][k].values())

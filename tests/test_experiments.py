@@ -56,6 +56,16 @@ def test_unknown_variant_is_a_clear_error_before_any_work(assets, tmp_path):
         experiments.parse_seeds("0,0")
 
 
+def test_initial_stages_get_the_demo_options(assets, tmp_path):
+    """init.* reaches the demo's stages as its command-line options."""
+    args = experiments._demo_args(_config(assets, tmp_path / "s",
+                                          "--config.init.pairs_min_detail=0.05"))
+    assert args.pairs_min_detail == 0.05 and args.pairs == str(assets["pairs"])
+    assert args.reward == str(assets["reward"]) and args.test_pairs == 2
+    default = experiments._demo_args(_config(assets, tmp_path / "s"))
+    assert default.pairs_min_detail == synthetic.REAL_MIN_DETAIL
+
+
 @pytest.mark.slow
 def test_smoke_study_writes_tables_and_resumes(assets, tmp_path):
     out = tmp_path / "study"

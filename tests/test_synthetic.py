@@ -165,6 +165,39 @@ def test_feedback_from_real_pairs_and_masked_examples(tmp_path):
     assert len(src) > 0
 
 
+def test_real_pairs_crops_show_texture(tmp_path):
+    """Feedback crops of real pairs come from where the visible image has detail: a flat crop
+    would carry Texture/Sharpness labels that nothing in the image shows."""
+    rng = np.random.default_rng(0)
+    vi = np.full((96, 96), 0.5)
+    vi[:, 56:] += 0.2 * rng.standard_normal((96, 40))  # texture only on the right
+    vi = np.clip(vi, 0, 1)[..., None]
+    ir = np.clip(0.4 + 0.1 * rng.standard_normal((96, 96, 1)), 0, 1)
+    pairs = [(ir, vi)]
+    detail = lambda sc: syn._detail_rms(sc["vi_gray"])  # noqa: E731
+    picked = [detail(syn._real_scene(pairs, np.random.default_rng([1, p]), 16))
+              for p in range(40)]
+    anywhere = [detail(syn._real_scene(pairs, np.random.default_rng([1, p]), 16, min_detail=0))
+                for p in range(40)]
+    assert min(picked) >= syn.REAL_MIN_DETAIL
+    assert sum(d < syn.REAL_MIN_DETAIL for d in anywhere) >= 10  # most random crops are flat
+    # min_detail 0 keeps the first random crop: the rule before the selection existed
+    first = syn._real_scene(pairs, np.random.default_rng([1, 3]), 16, min_detail=0)
+    again = syn._real_scene(pairs, np.random.default_rng([1, 3]), 16, min_detail=0, tries=1)
+    np.testing.assert_array_equal(first["vi_gray"], again["vi_gray"])
+    # write_feedback_folder passes it on and says so in README.txt
+    folder = tmp_path / "pairs"
+    for sub, img in (("ir", ir), ("vi", vi)):
+        (folder / sub).mkdir(parents=True)
+        Image.fromarray((img[..., 0] * 255).round().astype(np.uint8), "L").save(
+            folder / sub / "a.png")
+    out = syn.write_feedback_folder(tmp_path / "fb", 8, seed=1, size=16, pairs=folder)
+    assert f"visible-detail rms >= {syn.REAL_MIN_DETAIL}" in (out / "README.txt").read_text()
+    for name in sorted((out / "vi").iterdir()):
+        g = np.asarray(Image.open(name).convert("L"), np.float64) / 255
+        assert syn._detail_rms(g) >= syn.REAL_MIN_DETAIL - 0.01  # 8-bit rounding
+
+
 def test_texture_score_counts_the_texture_that_the_blur_leaves():
     """Texture Preservation measures the visible detail kept by texture loss AND blur, so a
     blurred image that shows no texture is not labelled as rich in texture."""

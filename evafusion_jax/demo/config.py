@@ -94,6 +94,7 @@ def reward_base_config():
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evafusion_jax.data.synthetic import REAL_MIN_DETAIL
     p = argparse.ArgumentParser(
         prog="python -m evafusion_jax.demo",
         description="End-to-end EVAFusion demo at small scale (synthetic data unless --pairs): "
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of feedback images also given as masked regions (same scores)")
     g.add_argument("--pairs-side", type=int, default=128,
                    help="with --pairs: resize pairs so that the shorter side is this (0 = keep)")
+    g.add_argument("--pairs-min-detail", type=float, default=REAL_MIN_DETAIL,
+                   help=f"with --pairs: feedback crops must show a visible-detail rms of at "
+                        f"least this (default {REAL_MIN_DETAIL}; 0 = any crop; flat crops made "
+                        f"Texture and Sharpness unlearnable on M3FD, README)")
     g.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     g.add_argument("--grpo-group", type=int, default=8,
                    help="GRPO group: sampled fusions per pair (even; each is scored region by region)")
@@ -182,6 +187,8 @@ def validate(args) -> None:
                         f"{args.reward_masked_examples}")
     if not args.reward and not args.vit:
         demo_reward_config(args.reward_hidden, args.feedback_size, args.reward_patch)  # checks
+    if not args.pairs_min_detail >= 0:
+        raise DemoError(f"--pairs-min-detail must be >= 0, got {args.pairs_min_detail}")
     if args.pairs_side < 0:
         raise DemoError(f"--pairs-side must be >= 0, got {args.pairs_side}")
     if args.regions < 2:

@@ -238,6 +238,7 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
         "seed": args.seed, "steps": args.steps, "warmup_steps": args.warmup_steps,
         "reward_steps": args.reward_steps, "timings_s": timings,
         "test_pairs": data["num_test"], "test_seed": None if args.pairs else args.test_seed,
+        "pairs_min_detail": (args.pairs_min_detail if args.pairs and not args.reward else None),
         "reward_model": {"trained": reward["trained"], "checkpoint": rel(reward["checkpoint"]),
                          **({"dev": reward["eval"]["dev"], "test": reward["eval"]["test"]}
                             if reward["trained"] else {})},

@@ -93,7 +93,7 @@ def stage_data(args, work: Path) -> dict:
                 data / "feedback_SYNTHETIC", args.feedback, seed=args.seed,
                 size=args.feedback_size, fused_per_pair=2,
                 pairs=out["train"] if args.pairs else None,
-                masked_fraction=args.reward_masked_examples)
+                masked_fraction=args.reward_masked_examples, min_detail=args.pairs_min_detail)
         bar.update(1)
     out["num_train"] = len(grpo_pairs.list_pairs(out["train"]))
     out["num_test"] = len(grpo_pairs.list_pairs(out["test"]))
