@@ -48,6 +48,8 @@ def test_demo_writes_the_report_with_every_stage(report):
     g = s["grpo"]
     assert np.isfinite(g["policy_reward_before"]) and np.isfinite(g["policy_reward_after"])
     assert g["policy_crops"] >= 2 and g["group_size"] == 8
+    from evafusion_jax.demo.config import GRPO_SIGMA
+    assert g["exploration_std"] == GRPO_SIGMA  # --grpo-sigma reaches train_grpo
     assert "DCEvo before GRPO" in md and "DCEvo after GRPO" in md
     # the before/after numbers a script compares (benchmarks/demo_seeds.py)
     assert g["region_reward"] == "composite"  # the demo default
@@ -101,6 +103,7 @@ def test_demo_refuses_a_non_empty_out_folder(report):
     (["--crop", "80", "--size", "64"], "larger than the synthetic pairs"),
     (["--seed", "7", "--test-seed", "7"], "--seed 7 equals --test-seed"),
     (["--pairs-min-detail", "-0.1"], "--pairs-min-detail must be >= 0"),
+    (["--grpo-sigma", "0"], "--grpo-sigma must be > 0"),
 ])
 def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message):
     out = tmp_path / "out"
@@ -158,6 +161,8 @@ def test_demo_on_real_pairs_builds_feedback_from_them(tmp_path):
           .splitlines()]
     assert len(fb) == 40
     assert s["pairs_min_detail"] == synthetic.REAL_MIN_DETAIL
+    from evafusion_jax.demo.config import GRPO_SIGMA_PAIRS
+    assert s["grpo"]["exploration_std"] == GRPO_SIGMA_PAIRS  # real pairs: less contrast
     assert "visible-detail rms >= " in (data / "feedback_SYNTHETIC" / "README.txt").read_text()
     assert all(np.isfinite(v) for k in ("policy_region_reward", "heldout_reward")
                for v in s["before_after"][k].values())

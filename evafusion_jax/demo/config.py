@@ -19,6 +19,12 @@ SCORE_LABELS = SCORE_TYPES  # the reward model's score names (models/score_names
 #: 300 the spread stayed the same but GRPO went further on every seed (README "Region rewards
 #: in the demo, and what GRPO gains").
 GRPO_STEPS = 80
+#: Std of GRPO's sampled fusions around F (train_grpo's exploration_std) in the demo: on the
+#: procedural scenes, and on real pairs (``--pairs``), whose detail layers have about a third of
+#: the procedural scenes' contrast (rms 0.026-0.036 vs 0.081 on feedback crops), so that the
+#: noise stays about as strong relative to the image (README "Exploration noise on real pairs").
+GRPO_SIGMA = 0.05
+GRPO_SIGMA_PAIRS = 0.02
 WARMUP_STEPS = 300
 #: Held-out synthetic pairs: how many, and the seed they are drawn from. The seed is fixed (not
 #: ``--seed``), so that every run is scored on the same test set and the seed-to-seed spread of
@@ -38,6 +44,13 @@ FEEDBACK = 12000
 
 class DemoError(ValueError):
     """An invalid demo option (names the option and what to do)."""
+
+
+def grpo_sigma(args) -> float:
+    """GRPO's exploration std: ``--grpo-sigma``, else the default for synthetic or real pairs."""
+    if args.grpo_sigma is not None:
+        return float(args.grpo_sigma)
+    return GRPO_SIGMA_PAIRS if args.pairs else GRPO_SIGMA
 
 
 # ----------------------------------------------------------------------------- models
@@ -153,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     g.add_argument("--grpo-group", type=int, default=8,
                    help="GRPO group: sampled fusions per pair (even; each is scored region by region)")
+    g.add_argument("--grpo-sigma", type=float, default=None,
+                   help=f"GRPO exploration noise: std of the sampled fusions around F (default "
+                        f"{GRPO_SIGMA}; with --pairs {GRPO_SIGMA_PAIRS}: real images have less "
+                        f"contrast, README)")
     g.add_argument("--grpo-fusion-weight", type=float, default=0.0,
                    help="weight of the auxiliary fusion loss during GRPO (0 = pure GRPO + KL)")
     g.add_argument("--region-reward", default="composite", choices=("masked", "composite"),
@@ -180,6 +197,8 @@ def validate(args) -> None:
                  "feedback", "feedback_size", "reward_hidden", "reward_steps", "warmup_steps"):
         if getattr(args, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.grpo_sigma is not None and not args.grpo_sigma > 0:
+        raise DemoError(f"--grpo-sigma must be > 0, got {args.grpo_sigma}")
     if not args.reward_lr > 0:
         raise DemoError(f"--reward-lr must be > 0, got {args.reward_lr}")
     if not 0.0 <= args.reward_masked_examples <= 1.0:

@@ -17,6 +17,7 @@ from evafusion_jax.demo.config import (
     demo_dcevo_config,
     demo_reward_config,
     grpo_base_config,
+    grpo_sigma,
     reward_base_config,
 )
 
@@ -237,6 +238,7 @@ def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict
     cfg.weight_decay = 0.01
     cfg.beta = 0.1
     cfg.group_size = args.grpo_group
+    cfg.exploration_std = grpo_sigma(args)
     cfg.noise_seed = args.seed
     cfg.grpo_fusion_weight = args.grpo_fusion_weight
     cfg.region_reward = args.region_reward
