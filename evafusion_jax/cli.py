@@ -156,10 +156,17 @@ def _redeliver_swallowed_interrupts(previous_hook):
         kind = unraisable.exc_type
         if isinstance(kind, type) and issubclass(kind, (KeyboardInterrupt, Terminated)):
             signum = signal.SIGINT if issubclass(kind, KeyboardInterrupt) else signal.SIGTERM
-            timer = threading.Timer(0.001, _thread.interrupt_main, args=(signum,))
-            timer.daemon = True
-            timer.start()
-            return
+            while True:
+                try:
+                    timer = threading.Timer(0.001, _thread.interrupt_main, args=(signum,))
+                    timer.daemon = True
+                    timer.start()
+                    return
+                except (KeyboardInterrupt, Terminated):
+                    # the re-delivered signal (or another one) arrived before this hook
+                    # returned, e.g. while a loaded machine was starting the timer's thread:
+                    # raised here it would be ignored again, so deliver it once more
+                    continue
         previous_hook(unraisable)
 
     return hook
