@@ -10,7 +10,8 @@ region reward on the fixed training crops and (ii) the held-out pairs' whole-ima
 before and after GRPO. It prints a table per seed, the mean +- std (population) of every
 column over the seeds, and whether every seed's gain exceeds the seed-to-seed spread (std) of
 the "before" values; ``OUT/seeds.json`` gets the same numbers. An existing seed folder with a
-``summary.json`` is reused (delete it to rerun that seed).
+``summary.json`` is reused (delete it to rerun that seed). ``--cross-judge`` also scores every
+seed's held-out fusions with every seed's reward model (``cross_judge``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,68 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def cross_judge(out: Path, seeds: list[int]) -> dict:
+    """(ii) with every seed's reward model as the judge of every seed's held-out fusions.
+
+    Each seed trains its own reward model, and reward models differ in calibration (one may
+    score every image 0.5 lower): the std of the "before" values over seeds then measures
+    the judges as much as the networks. Scored by one judge, the spread is the networks'
+    alone. Returns, per judge, the before/after means per seed and how many gains exceed
+    that judge's "before" std, and the same for the mean over judges."""
+    from evafusion_jax.data import grpo_pairs, image_io
+    from evafusion_jax.demo import stages
+
+    def folder(s):
+        return out / f"seed_{s}"
+
+    def checkpoint(s):
+        ck = Path(json.loads((folder(s) / "summary.json").read_text())["reward_model"]
+                  ["checkpoint"])
+        return ck if ck.is_absolute() else folder(s) / ck
+    test = folder(seeds[0]) / "work" / "data" / "pairs_test"
+    names = grpo_pairs.list_pairs(test)
+    pairs = [(image_io.read_image(test / "ir" / n), image_io.read_image(test / "vi" / n))
+             for n in names]
+    fused = {(s, tag): [image_io.to_gray(image_io.read_image(
+        folder(s) / "work" / f"fused_{tag}" / (Path(n).stem + ".png"))) for n in names]
+        for s in seeds for tag in ("before", "after")}
+    scores = {}
+    for j in seeds:
+        score = stages._score_fn(checkpoint(j))
+        for key, images in fused.items():
+            scores[(j,) + key] = float(np.mean([score(ir, vi, f)[2]
+                                                for (ir, vi), f in zip(pairs, images)]))
+
+    def verdict(before, after):
+        spread = float(np.std(before))
+        gains = np.asarray(after) - np.asarray(before)
+        return {"before": [float(x) for x in before], "after": [float(x) for x in after],
+                "before_std": spread, "above": int(np.sum(gains > spread)),
+                "up": int(np.sum(gains > 0))}
+    res = {"seeds": seeds, "judges": {}}
+    for j in seeds:
+        res["judges"][j] = verdict([scores[(j, s, "before")] for s in seeds],
+                                   [scores[(j, s, "after")] for s in seeds])
+    res["mean_over_judges"] = verdict(
+        [np.mean([scores[(j, s, "before")] for j in seeds]) for s in seeds],
+        [np.mean([scores[(j, s, "after")] for j in seeds]) for s in seeds])
+    return res
+
+
+def format_cross_judge(res: dict) -> str:
+    lines = ["held-out whole-image reward, every seed's reward model as judge (gain per seed "
+             f"{res['seeds']}; above = gain > that judge's std of the before values):",
+             "| judge | before std | gains | up | above |", "|---|---|---|---|---|"]
+    items = [(str(j), v) for j, v in res["judges"].items()]
+    items.append(("mean over judges", res["mean_over_judges"]))
+    n = len(res["seeds"])
+    for name, v in items:
+        gains = " ".join(f"{a - b:+.3f}" for b, a in zip(v["before"], v["after"]))
+        lines.append(f"| {name} | {v['before_std']:.3f} | {gains} | {v['up']}/{n} | "
+                     f"{v['above']}/{n} |")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict], summ: dict) -> str:
     lines = []
     for key, title in KEYS:
@@ -88,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", help="an earlier --out: each seed reuses its fusion warm-up and "
                                    "reward model (only GRPO and the evaluation run), to compare "
                                    "GRPO variants on the same models")
+    p.add_argument("--cross-judge", action="store_true",
+                   help="also score every seed's held-out fusions with every seed's reward "
+                        "model (the spread of one judge is the networks' alone)")
     p.add_argument("--reuse-warmup-only", action="store_true",
                    help="with --reuse: train a new reward model (e.g. --reward-masked-examples) "
                         "but score the held-out pairs with the reused one")
@@ -98,11 +164,15 @@ def main(argv=None) -> int:
     reuse = Path(args.reuse) if args.reuse else None
     rows = [run_seed(s, out, extra, reuse, not args.reuse_warmup_only) for s in seeds]
     summ = summarize(rows)
-    (out / "seeds.json").write_text(json.dumps({"options": extra, "seeds": rows,
-                                                "summary": summ}, indent=2))
+    record = {"options": extra, "seeds": rows, "summary": summ}
+    if args.cross_judge:
+        record["cross_judge"] = cross_judge(out, seeds)
+    (out / "seeds.json").write_text(json.dumps(record, indent=2))
     print(f"demo {' '.join(extra)}; seeds {seeds}; "
           f"mean demo time {np.mean([r['total_s'] for r in rows]):.0f} s\n")
     print(format_table(rows, summ))
+    if args.cross_judge:
+        print(format_cross_judge(record["cross_judge"]))
     return 0
 
 

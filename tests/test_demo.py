@@ -89,6 +89,28 @@ def test_demo_ran_each_training_stage(report):
         assert len(list((work / f"fused_{tag}").glob("*.png"))) == 2
 
 
+def test_cross_judge_scores_every_seed_with_every_reward_model(report, tmp_path):
+    """benchmarks/demo_seeds.py --cross-judge on two "seeds" that are the same run: every judge
+    gives both the same numbers, equal to the run's own held-out reward."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "demo_seeds.py"
+    spec = importlib.util.spec_from_file_location("demo_seeds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for seed in (3, 4):
+        (tmp_path / f"seed_{seed}").symlink_to(report, target_is_directory=True)
+    res = mod.cross_judge(tmp_path, [3, 4])
+    s = json.loads((report / "summary.json").read_text())
+    own = s["before_after"]["heldout_reward"]
+    for v in list(res["judges"].values()) + [res["mean_over_judges"]]:
+        np.testing.assert_allclose(v["before"], [own["before"]] * 2, rtol=1e-5)
+        np.testing.assert_allclose(v["after"], [own["after"]] * 2, rtol=1e-5)
+        assert v["before_std"] < 1e-6
+    text = mod.format_cross_judge(res)
+    assert "| mean over judges |" in text and text.count("\n| ") == 4
+
+
 def test_demo_refuses_a_non_empty_out_folder(report):
     before = sorted(p.name for p in report.iterdir())
     assert demo.main(["--out", str(report)] + SMALL) == 2
