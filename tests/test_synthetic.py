@@ -174,7 +174,7 @@ def test_real_pairs_crops_show_texture(tmp_path):
     vi = np.clip(vi, 0, 1)[..., None]
     ir = np.clip(0.4 + 0.1 * rng.standard_normal((96, 96, 1)), 0, 1)
     pairs = [(ir, vi)]
-    detail = lambda sc: syn._detail_rms(sc["vi_gray"])  # noqa: E731
+    detail = lambda sc: syn._rms(sc["texture"])  # noqa: E731
     picked = [detail(syn._real_scene(pairs, np.random.default_rng([1, p]), 16))
               for p in range(40)]
     anywhere = [detail(syn._real_scene(pairs, np.random.default_rng([1, p]), 16, min_detail=0))
@@ -195,7 +195,8 @@ def test_real_pairs_crops_show_texture(tmp_path):
     assert f"visible-detail rms >= {syn.REAL_MIN_DETAIL}" in (out / "README.txt").read_text()
     for name in sorted((out / "vi").iterdir()):
         g = np.asarray(Image.open(name).convert("L"), np.float64) / 255
-        assert syn._detail_rms(g) >= syn.REAL_MIN_DETAIL - 0.01  # 8-bit rounding
+        detail_layer = syn.scene_from_pair(g, g)["texture"]
+        assert syn._rms(detail_layer) >= syn.REAL_MIN_DETAIL - 0.01  # 8-bit rounding
 
 
 def test_texture_score_counts_the_texture_that_the_blur_leaves():

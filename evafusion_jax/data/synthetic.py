@@ -209,10 +209,8 @@ def scene_from_pair(ir: np.ndarray, vi: np.ndarray) -> dict[str, np.ndarray]:
             "texture": f32(vi_gray - ndimage.gaussian_filter(vi_gray, 2.0))}
 
 
-def _detail_rms(gray: np.ndarray) -> float:
-    """rms of the detail layer ``g - G_2(g)`` of a gray image (what texture loss removes)."""
-    g = np.asarray(gray, np.float64)
-    return float(np.sqrt(np.mean((g - ndimage.gaussian_filter(g, 2.0)) ** 2)))
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
 
 
 def _real_scene(pairs: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
@@ -235,7 +233,7 @@ def _real_scene(pairs: Sequence[tuple[np.ndarray, np.ndarray]], rng: np.random.G
                                 .resize((size, size), Image.BILINEAR)) for c in range(a.shape[-1])]
             return np.clip(np.stack(chans, -1), 0, 1)
         scene = scene_from_pair(crop(ir), crop(vi))
-        detail = _detail_rms(scene["vi_gray"])
+        detail = _rms(scene["texture"])  # the detail layer g - G_2(g) (scene_from_pair)
         if detail >= min_detail:
             return scene
         if detail > best_detail:
@@ -348,7 +346,7 @@ def texture_retained(scene: Mapping[str, np.ndarray], params: Mapping[str, Any])
     g = scene["vi_gray"].astype(np.float64)
     d = g - ndimage.gaussian_filter(g, 2.0)
     keep = 1.0 - float(np.clip(params["texture_loss"], 0, 1))
-    rms = float(np.sqrt(np.mean(d * d)))
+    rms = _rms(d)
     if params["blur_sigma"] > 0 and rms > 1e-6:
         keep *= float(np.sqrt(np.mean(ndimage.gaussian_filter(d, params["blur_sigma"]) ** 2))) / rms
     return float(np.clip(keep, 0.0, 1.0))
