@@ -1,15 +1,24 @@
 """Where DCEvo's forward + backward spends time and memory on the CPU (issue #16, point 1).
 
-    python benchmarks/dcevo_profile.py [--size 64] [--batch 2] [--repeats 3] [--top 12]
+    python benchmarks/dcevo_profile.py [--size 64] [--batch 2] [--repeats 3] [--top 12] [--thunks]
 
 Random weights, the released widths. Compiles ``jax.grad`` of the mean fused output
-with respect to the parameters twice: with the dense convolutions as ``flax.linen.Conv``
-(XLA's kernel gradient; what ``dcevo.py`` used before) and as ``models/convolution.Conv``
-(what ``dcevo.py`` uses: same forward, kernel gradient as per-tap matrix products), times them interleaved (median of ``--repeats``)
-and prints, for each: XLA's FLOPs and bytes accessed, the temporary memory of the
-compiled step, the HLO op kinds of the optimised module by count, and the ``--top``
-largest arrays its entry computation produces (what holds the memory).
-One JSON line per variant, then one with the timings.
+with respect to the parameters four ways: ``current`` (what ``dcevo.py`` does),
+``flax_conv`` (the dense convolutions as ``flax.linen.Conv``: XLA's kernel gradient, what
+``dcevo.py`` used before ``models/convolution.Conv``), ``unrolled_dw_grad`` (the
+depthwise kernel gradient written as one fusion per tap, what ``dcevo.depthwise_conv`` did
+before its tap loop) and ``conv_1x1`` (1x1 convolutions as XLA convolutions instead of
+matrix products, as ``convolution.conv2d`` ran them before), times them interleaved (median
+of ``--repeats``) and prints, for each:
+XLA's FLOPs and bytes accessed, the temporary memory of the compiled step, the HLO op kinds
+of the optimised module by count, and the ``--top`` largest arrays its entry computation
+produces (what holds the memory). One JSON line per variant, then one with the timings.
+
+``--thunks``: also traces two steps of ``current`` with ``jax.profiler`` and prints the time
+of XLA's CPU thunks per step, by thunk kind and by where they come from (forward or
+backward; bottleneck 3x3 convolution, its kernel gradient, the depthwise convolution, its
+kernel-gradient loop, the detail branch, the decoder's transformer block, ...). Thunks of
+the two threads overlap, so their sum exceeds the step's wall time.
 """
 
 from __future__ import annotations
@@ -17,8 +26,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import glob
 import json
 import re
+import tempfile
 import time
 
 import flax.linen as nn
@@ -27,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_medians
 
-from evafusion_jax.models import dcevo
+from evafusion_jax.models import convolution, dcevo
 
 _DT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "pred": 1, "u32": 4, "s8": 1, "u8": 1}
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\(")
@@ -50,6 +61,103 @@ def dense_convs_as_flax_conv():
         yield
     finally:
         dcevo._conv = orig
+
+
+@contextlib.contextmanager
+def depthwise_kernel_grad_unrolled():
+    """Inside: ``dcevo.DepthwiseConv`` uses a depthwise convolution whose kernel gradient is
+    k*k separate fusions (per tap: the per-sample products summed, then one reduction of the
+    stacked taps), as ``dcevo.depthwise_conv`` computed it before its tap loop."""
+
+    def bwd(padding, res, dy):
+        x, w = res
+        dx = dcevo._depthwise_input_grad(dy, w, padding, x)
+        k = w.shape[0]
+        xp = dcevo._zero_pad_hw(x, padding)
+        b, ho, wo = dy.shape[:3]
+        taps = []
+        for i in range(k):
+            for j in range(k):
+                xs = xp[:, i:i + ho, j:j + wo, :]
+                t = xs[0] * dy[0]
+                for n in range(1, b):
+                    t = t + xs[n] * dy[n]
+                taps.append(t)
+        return dx, jnp.sum(jnp.stack(taps), axis=(1, 2)).reshape(w.shape).astype(w.dtype)
+
+    unrolled = jax.custom_vjp(dcevo.depthwise_conv.fun, nondiff_argnums=(2,))
+    unrolled.defvjp(lambda x, w, p: (unrolled(x, w, p), (x, w)), bwd)
+    orig = dcevo.depthwise_conv
+    dcevo.depthwise_conv = unrolled
+    try:
+        yield
+    finally:
+        dcevo.depthwise_conv = orig
+
+
+@contextlib.contextmanager
+def pointwise_as_convolution():
+    """Inside: ``convolution.conv2d`` runs 1x1 convolutions as XLA convolutions (with the
+    per-tap kernel gradient), as it did before they became matrix products."""
+    orig = convolution.conv2d
+
+    def conv2d(x, kernel, padding="SAME", lhs_dilation=(1, 1), precision=None):
+        d = tuple(int(v) for v in lhs_dilation)
+        return convolution._conv(x, kernel, convolution._pads(padding, kernel.shape[:2], d), d,
+                                 precision)
+
+    convolution.conv2d = conv2d
+    try:
+        yield
+    finally:
+        convolution.conv2d = orig
+
+
+_SOURCES = (  # (regular expression searched in the op_name, label), first match wins
+    (r"/while/", "depthwise kernel-gradient loop"),
+    (r"/m_\d+/cv2/", "depthwise 3x3 conv + SiLU (C2f bottleneck)"),
+    (r"/m_\d+/cv1/conv/(dot_general|slice|pad)", "3x3 conv kernel gradient (C2f bottleneck)"),
+    (r"/m_\d+/cv1/", "3x3 conv + SiLU (C2f bottleneck)"),
+    (r"detailFeature|HighFreqExtractor", "detail branch (HighFreqExtractor)"),
+    (r"output_0", "decoder transformer block"),
+    (r"/net[12]/", "C2f 1x1 convs, concat, gate"),
+)
+
+
+def thunk_profile(compiled, args, steps: int = 2) -> dict:
+    """Milliseconds per step of XLA's CPU thunks, by kind and by source (see the docstring)."""
+    meta = {}
+    for line in compiled.as_text().splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', line)
+        if m:
+            meta[m.group(1)] = m.group(2)
+    jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for _ in range(steps):
+            jax.block_until_ready(compiled(*args))
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+        by_kind, by_source = collections.Counter(), collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                if not line.name.startswith("tf_XLAEigen"):
+                    continue
+                for ev in line.events:
+                    # ThunkExecutor and while events contain other thunks' events: skip them
+                    if ev.name.startswith(("ThunkExecutor", "while")):
+                        continue
+                    ms = ev.duration_ns / 1e6 / steps
+                    by_kind[re.sub(r"\.\d+$", "", ev.name)] += ms
+                    op = meta.get(ev.name, "")
+                    phase = "backward" if "transpose(" in op else "forward"
+                    label = next((lab for pat, lab in _SOURCES if re.search(pat, op)), "other")
+                    by_source[f"{phase}: {label}"] += ms
+    total = sum(by_kind.values())
+    return {"thunk_ms_per_step": round(total, 1),
+            "by_source_ms": {k: round(v, 1) for k, v in by_source.most_common()},
+            "by_kind_ms": {k: round(v, 1) for k, v in by_kind.most_common(15)}}
 
 
 def hlo_summary(compiled, top: int) -> dict:
@@ -79,6 +187,8 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--thunks", action="store_true",
+                    help="also print XLA's CPU thunk times of the current variant (jax.profiler)")
     args = ap.parse_args()
     cfg = dcevo.DCEvoConfig()
     params = dcevo.init_params(cfg, 0)
@@ -90,8 +200,10 @@ def main():
         return jax.jit(jax.grad(lambda p, a, b: jnp.mean(dcevo.apply_model(p, a, b, cfg)["fused"])))
 
     compiled = {}
-    for name, ctx in (("flax_conv", dense_convs_as_flax_conv()),
-                      ("convolution_conv", contextlib.nullcontext())):
+    for name, ctx in (("current", contextlib.nullcontext()),
+                      ("flax_conv", dense_convs_as_flax_conv()),
+                      ("unrolled_dw_grad", depthwise_kernel_grad_unrolled()),
+                      ("conv_1x1", pointwise_as_convolution())):
         with ctx:
             t0 = time.perf_counter()
             c = make().lower(params, ir, vi).compile()
@@ -107,17 +219,24 @@ def main():
                           "temp_gb": round(mem.temp_size_in_bytes / 1e9, 3),
                           "argument_gb": round(mem.argument_size_in_bytes / 1e9, 3),
                           **hlo_summary(c, args.top)}), flush=True)
-    grads = {n: c(params, ir, vi) for n, c in compiled.items()}
-    a, b = (jax.tree_util.tree_leaves(g) for g in grads.values())
-    rel = max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(x)) + 1e-30)) for x, y in zip(a, b))
+    grads = {n: jax.tree_util.tree_leaves(c(params, ir, vi)) for n, c in compiled.items()}
+
+    def rel_diff(name):
+        return max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(x)) + 1e-30))
+                   for x, y in zip(grads["current"], grads[name]))
+
     res = interleaved_medians({n: (lambda c=c: c(params, ir, vi)) for n, c in compiled.items()},
                               args.repeats, warmup=False)
+    cur = res["current"]["median_s"]
     print(json.dumps({"timings_s": {n: r["times_s"] for n, r in res.items()},
                       "median_s": {n: round(r["median_s"], 4) for n, r in res.items()},
-                      "speedup_convolution_conv": round(res["flax_conv"]["median_s"]
-                                                        / res["convolution_conv"]["median_s"], 3),
-                      "max_rel_grad_diff": rel}), flush=True)
-
+                      "current_speedup_over": {n: round(r["median_s"] / cur, 3)
+                                               for n, r in res.items() if n != "current"},
+                      "max_rel_grad_diff_to_current": {n: rel_diff(n) for n in compiled
+                                                       if n != "current"}}), flush=True)
+    if args.thunks:
+        print(json.dumps({"thunks_of": "current",
+                          **thunk_profile(compiled["current"], (params, ir, vi))}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -159,11 +159,6 @@ def _l2_normalize(x, axis=-1, eps=1e-12):
     return x / jnp.maximum(norm, eps)
 
 
-# Batches up to this size sum the kernel gradient's per-sample products explicitly (one
-# elementwise fusion per tap); larger ones use a plain reduction over the batch axis.
-_DW_UNROLL_BATCH = 16
-
-
 def _shifted_sum(x, w, k: int):
     """``y[b, h, w, c] = sum_ij x[b, h + i, w + j, c] * w[i, j, c]`` (valid correlation, ``w`` (k, k, C))."""
     h, wd = x.shape[1] - k + 1, x.shape[2] - k + 1
@@ -186,12 +181,13 @@ def depthwise_conv(x, w, padding: int = 0):
     Equals ``lax.conv_general_dilated(x, w[:, :, None], (1, 1), [(p, p)] * 2,
     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=C)`` up to float
     rounding. Forward and input gradient are k*k shifted multiply-adds (one elementwise
-    fusion each); the kernel gradient sums the per-sample products of each tap before a
-    single reduction over H, W. XLA on CPU runs a one-channel-per-group convolution
+    fusion each); the kernel gradient is a loop over the k*k taps, each one reduction of
+    the tap's products over (B, H, W). XLA on CPU runs a one-channel-per-group convolution
     several times slower than the shifted sum (1.23 s vs 0.19 s forward on
-    1x480x640x64), and autodiff of the shifted sum gives a kernel gradient of k*k separate
-    reductions of a padded slice, about 4x slower than this one (and the slowest part of
-    DCEvo's backward pass before it was written).
+    1x480x640x64). Written out as k*k fusions, the kernel gradient made XLA recompute the
+    incoming gradient (an elementwise SiLU backward in DCEvo) inside every tap and read its
+    inputs k*k times; in the loop it is computed once (DCEvo forward + backward, 64x64,
+    batch 2: 2.8 s -> 2.3 s on a 2-core CPU, ``benchmarks/vs_pytorch.py``).
     """
     return _shifted_sum(_zero_pad_hw(x, padding), w, w.shape[0])
 
@@ -200,34 +196,37 @@ def _depthwise_fwd(x, w, padding):
     return depthwise_conv(x, w, padding), (x, w)
 
 
-def _depthwise_bwd(padding, res, dy):
-    x, w = res
+def _depthwise_input_grad(dy, w, padding: int, x):
+    """dx of :func:`depthwise_conv`: dy, zero padded by k - 1 - p, correlated with the flipped w."""
     k = w.shape[0]
-    # dx: correlation of dy, zero padded by k - 1 - p, with the flipped kernel.
     q = k - 1 - padding
     if q >= 0:
         dx = _shifted_sum(_zero_pad_hw(dy, q), w[::-1, ::-1], k)
     else:  # padding >= k: the gradient of the padded input, cropped
         dxp = _shifted_sum(_zero_pad_hw(dy, k - 1), w[::-1, ::-1], k)
         dx = dxp[:, padding:padding + x.shape[1], padding:padding + x.shape[2]]
-    dx = dx.astype(x.dtype)
-    # dw[i, j, c] = sum_bhw xp[b, h + i, w + j, c] * dy[b, h, w, c]
-    xp = _zero_pad_hw(x, padding)
-    b, ho, wo = dy.shape[0], dy.shape[1], dy.shape[2]
+    return dx.astype(x.dtype)
+
+
+def _depthwise_bwd(padding, res, dy):
+    x, w = res
+    k = w.shape[0]
+    dx = _depthwise_input_grad(dy, w, padding, x)
+    # dw[i, j, c] = sum_bhw xp[b, h + i, w + j, c] * dy[b, h, w, c], one tap per iteration of a
+    # loop. The loop is what makes it fast in context: dy is usually an elementwise expression
+    # (the SiLU backward) that XLA would otherwise recompute inside each tap's fusion, reading
+    # its inputs from memory k*k times; as a loop operand it is computed once.
     acc = jnp.promote_types(dy.dtype, jnp.float32)
-    taps = []
-    for i in range(k):
-        for j in range(k):
-            xs = xp[:, i:i + ho, j:j + wo, :]
-            if b <= _DW_UNROLL_BATCH:
-                t = None
-                for n in range(b):
-                    term = xs[n].astype(acc) * dy[n].astype(acc)
-                    t = term if t is None else t + term
-            else:
-                t = jnp.sum(xs.astype(acc) * dy.astype(acc), axis=0)
-            taps.append(t)
-    dw = jnp.sum(jnp.stack(taps), axis=(1, 2)).reshape(w.shape).astype(w.dtype)
+    xp = _zero_pad_hw(x, padding).astype(acc)
+    dya = dy.astype(acc)
+    b, ho, wo, c = dy.shape
+
+    def tap(t, dw):
+        xs = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), (b, ho, wo, c))
+        return dw.at[t].set(jnp.sum(xs * dya, axis=(0, 1, 2)))
+
+    dw = jax.lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, c), acc))
+    dw = dw.reshape(w.shape).astype(w.dtype)
     return dx, dw
 
 
