@@ -36,6 +36,32 @@ def test_conv2d_matches_lax_values_and_gradients(xs, ks, padding, pads, dil):
     assert float(jnp.max(jnp.abs(got[1]))) > 0.1
 
 
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 0, ((0, 0), (0, 0))])
+def test_pointwise_conv2d_is_a_matrix_product_equal_to_lax(padding):
+    """1x1 without padding: a matrix product over the pixels, same values and gradients."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, 6, 3)), jnp.float32)
+    hp = jax.lax.Precision.HIGHEST
+    text = jax.jit(lambda a, b: convolution.conv2d(a, b, padding, precision=hp)).lower(x, k).as_text()
+    assert "convolution" not in text and "dot_general" in text
+    y, vjp = jax.vjp(lambda a, b: convolution.conv2d(a, b, padding, precision=hp), x, k)
+    want, vjp_ref = jax.vjp(lambda a, b: _lax(a, b, ((0, 0), (0, 0)), (1, 1)), x, k)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6, atol=1e-6)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for g, r in zip(vjp(dy), vjp_ref(dy)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_pointwise_conv2d_stays_a_convolution():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1, 4, 4, 2)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, 2, 2)), jnp.float32)
+    y = convolution.conv2d(x, k, 1)
+    assert y.shape == (1, 6, 6, 2)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_lax(x, k, ((1, 1), (1, 1)), (1, 1))))
+
+
 def test_conv_module_is_a_drop_in_for_flax_conv():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, 3)), jnp.float32)
     ours = convolution.Conv(4, (3, 3))

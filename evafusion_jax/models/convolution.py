@@ -14,6 +14,12 @@ forward pass (1.10 s vs 0.23 s for a 3x3 conv on 1x96x96x192 -> 192, 2-core CPU)
 per-tap products run at about the forward's speed. For a transposed convolution
 (``lhs_dilation`` 2) they also skip the three quarters of zeros of the dilated input.
 
+A 1x1 convolution without padding or dilation is computed as a matrix product over the
+pixels (forward and, by autodiff, both gradients): XLA on the CPU runs the convolution
+about 2x slower forward and several times slower backward (4x64x64x256 -> 64 channels:
+7.1 ms vs 3.1 ms forward, 51 ms vs 9 ms for both gradients, 2-core CPU). Values equal the
+convolution's up to float rounding.
+
 :class:`Conv` is a drop-in for ``flax.linen.Conv`` (same ``kernel`` / ``bias``
 parameters) using it: the reward model's heads and up-convolutions and DCEvo's dense
 (ungrouped) convolutions use it (DCEvo forward + backward 64x64 batch 2: 6.5 s -> 4.6 s on
@@ -108,7 +114,14 @@ def conv2d(x, kernel, padding: Any = "SAME", lhs_dilation: Sequence[int] = (1, 1
         raise ValueError(f"conv2d: expected NHWC input and HWIO kernel with matching channels, "
                          f"got {x.shape} and {kernel.shape}")
     lhs_dilation = tuple(int(d) for d in lhs_dilation)
-    return _conv(x, kernel, _pads(padding, kernel.shape[:2], lhs_dilation), lhs_dilation, precision)
+    pads = _pads(padding, kernel.shape[:2], lhs_dilation)
+    if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)) and lhs_dilation == (1, 1):
+        # A 1x1 convolution is a matrix product over the pixels; XLA on the CPU runs it (and its
+        # gradients, by autodiff of the product) much faster than the convolution.
+        b, h, w, cin = x.shape
+        y = jnp.dot(x.reshape(b * h * w, cin), kernel[0, 0], precision=precision)
+        return y.reshape(b, h, w, kernel.shape[3])
+    return _conv(x, kernel, pads, lhs_dilation, precision)
 
 
 class Conv(nn.Module):
