@@ -127,8 +127,9 @@ def conv2d(x, kernel, padding: Any = "SAME", lhs_dilation: Sequence[int] = (1, 1
 class Conv(nn.Module):
     """``nn.Conv(features, (k, k), padding=padding)`` (stride 1, no groups) by :func:`conv2d`.
 
-    Same parameters (``kernel`` (k, k, C_in, features), ``bias``) and the same forward
-    result; only the kernel gradient's computation differs (float rounding).
+    Same parameters (``kernel`` (k, k, C_in, features), ``bias``) and the same result up to
+    float rounding: the kernel gradient is computed differently, and an unpadded 1x1
+    convolution is a matrix product (module docstring).
     """
 
     features: int
