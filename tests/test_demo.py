@@ -47,8 +47,9 @@ def test_demo_writes_the_report_with_every_stage(report):
     assert np.isfinite(s["grpo"]["reward_start"]) and np.isfinite(s["grpo"]["reward_end"])
     g = s["grpo"]
     assert np.isfinite(g["policy_reward_before"]) and np.isfinite(g["policy_reward_after"])
-    assert g["policy_crops"] >= 2 and g["group_size"] == 8
-    from evafusion_jax.demo.config import GRPO_SIGMA
+    from evafusion_jax.demo.config import GRPO_GROUP, GRPO_SIGMA
+    assert g["policy_crops"] >= 2 and g["group_size"] == GRPO_GROUP
+    assert g["lr_warmup_steps"] == 0  # an eighth of --steps 2, rounded down
     assert g["exploration_std"] == GRPO_SIGMA  # --grpo-sigma reaches train_grpo
     assert "DCEvo before GRPO" in md and "DCEvo after GRPO" in md
     # the before/after numbers a script compares (benchmarks/demo_seeds.py)
@@ -126,6 +127,8 @@ def test_demo_refuses_a_non_empty_out_folder(report):
     (["--seed", "7", "--test-seed", "7"], "--seed 7 equals --test-seed"),
     (["--pairs-min-detail", "-0.1"], "--pairs-min-detail must be >= 0"),
     (["--grpo-sigma", "0"], "--grpo-sigma must be > 0"),
+    (["--steps", "8", "--grpo-lr-warmup", "8"], "--grpo-lr-warmup must be >= 0 and below --steps (8)"),
+    (["--grpo-lr-warmup", "-1"], "--grpo-lr-warmup must be >= 0"),
 ])
 def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message):
     out = tmp_path / "out"
@@ -133,6 +136,15 @@ def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message)
     assert message in caplog.text
     assert not out.exists()
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, steps", [([], 10), (["--steps", "40"], 5), (["--steps", "7"], 0),
+                                         (["--grpo-lr-warmup", "3"], 3)])
+def test_grpo_lr_warmup_is_an_eighth_of_the_steps_unless_given(argv, steps):
+    from evafusion_jax.demo import config
+    args = config.build_parser().parse_args(argv)
+    config.validate(args)
+    assert config.grpo_lr_warmup(args) == steps
 
 
 def test_heldout_pairs_are_the_same_for_every_seed(report, tmp_path):

@@ -180,7 +180,8 @@ def write_report(out: Path, args, data: dict, reward: dict, fusion: dict, grpo_r
               f"GRPO: {g['steps']} steps, batch {args.batch}, crops {args.crop}x{args.crop}, "
               f"a group of {g['group_size']} sampled fusions per pair (Gaussian policy around "
               f"DCEvo's output, sigma {g['exploration_std']:g}, mirrored pairs), learning rate "
-              f"{args.grpo_lr:g}, KL weight 0.1, auxiliary fusion-loss weight "
+              f"{args.grpo_lr:g} (linear warm-up over {g['lr_warmup_steps']} steps), KL weight "
+              f"0.1, auxiliary fusion-loss weight "
               f"{args.grpo_fusion_weight:g}.\n\n")
     up = g["policy_reward_after"] - g["policy_reward_before"]
     md.append(_md_table(["", "mean region reward"], [

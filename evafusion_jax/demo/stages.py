@@ -17,6 +17,7 @@ from evafusion_jax.demo.config import (
     demo_dcevo_config,
     demo_reward_config,
     grpo_base_config,
+    grpo_lr_warmup,
     grpo_sigma,
     reward_base_config,
 )
@@ -235,6 +236,7 @@ def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict
     cfg.max_steps = args.steps
     cfg.learning_rate = args.grpo_lr
     cfg.end_learning_rate = args.grpo_lr / 10
+    cfg.warmup_steps = grpo_lr_warmup(args)
     cfg.weight_decay = 0.01
     cfg.beta = 0.1
     cfg.group_size = args.grpo_group
@@ -255,6 +257,7 @@ def stage_grpo(args, work: Path, data: dict, reward: dict, fusion: dict) -> dict
     return {"checkpoint": gdir / "dcevo_final", "steps": int(cfg.max_steps),
             "region_source": source, "regions_per_image": _mean(valid),
             "group_size": int(cfg.group_size), "exploration_std": float(cfg.exploration_std),
+            "lr_warmup_steps": int(cfg.warmup_steps),
             "reward_start": _mean(rewards[:k]), "reward_end": _mean(rewards[-k:]),
             "policy_reward_before": policy["before"], "policy_reward_after": policy["after"],
             "policy_crops": policy["crops"], "region_reward": str(cfg.region_reward),
