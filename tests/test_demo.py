@@ -127,7 +127,8 @@ def test_demo_refuses_a_non_empty_out_folder(report):
     (["--seed", "7", "--test-seed", "7"], "--seed 7 equals --test-seed"),
     (["--pairs-min-detail", "-0.1"], "--pairs-min-detail must be >= 0"),
     (["--grpo-sigma", "0"], "--grpo-sigma must be > 0"),
-    (["--steps", "8", "--grpo-lr-warmup", "8"], "--grpo-lr-warmup must be >= 0 and below --steps (8)"),
+    (["--steps", "8", "--grpo-lr-warmup", "8"],
+     "--grpo-lr-warmup must be >= 0 and below --steps (8)"),
     (["--grpo-lr-warmup", "-1"], "--grpo-lr-warmup must be >= 0"),
 ])
 def test_demo_rejects_bad_options_before_writing(tmp_path, caplog, bad, message):
