@@ -81,7 +81,8 @@ def get_config():
     c.learning_rate = 1e-4
     c.end_learning_rate = 1e-6      # cosine decay target
     c.weight_decay = 0.01           # AdamW (decoupled)
-    c.warmup_steps = 0
+    c.warmup_steps = 0              # linear learning-rate warm-up (the demo: an eighth of its steps;
+                                    # README "A group of 16 and a learning-rate warm-up")
     c.grad_clip_norm = 0.0
     c.num_epochs = 20
     c.steps_per_epoch = -1          # -1: number of pairs // global batch size
