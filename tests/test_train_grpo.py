@@ -188,3 +188,13 @@ def _huge_learning_rate(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no masks for 4 of 4 images" in err and "Traceback" not in err
     assert not (tmp_path / "w2").exists()
+
+
+def test_warmup_steps_raise_the_learning_rate_linearly_from_zero(data, tmp_path):
+    """``warmup_steps`` (the demo's ``--grpo-lr-warmup``) reaches the optimizer: the first update
+    uses learning rate 0, the rate then rises linearly to ``learning_rate``."""
+    w = tmp_path / "w"
+    assert train_grpo.main(["prog"] + _args(data, w, "--config.max_steps=3",
+                                            "--config.warmup_steps=2")) == 0
+    lrs = [r["learning_rate"] for r in metric_writer.read_jsonl(w / "logs" / "metrics.jsonl")]
+    np.testing.assert_allclose(lrs, [0.0, 5e-4, 1e-3], rtol=1e-6, atol=1e-12)

@@ -27,9 +27,10 @@ GRPO_SIGMA = 0.05
 GRPO_SIGMA_PAIRS = 0.02
 #: GRPO's group (sampled fusions per pair) and the part of its steps over which the learning
 #: rate rises linearly from 0. Adam's first update moves every parameter by the full learning
-#: rate (its moments are one gradient), which half-clipped the second step's regions on every
-#: M3FD seed; with a group of 8 and no warm-up 2 of 5 M3FD seeds barely moved, with 16 and an
-#: eighth of the steps as warm-up all 5 gained (README "Exploration noise on real pairs").
+#: rate (its moments are one gradient), which clipped 18-51 % of the second step's regions on
+#: every M3FD seed; with a group of 8 and no warm-up 2 of 5 M3FD seeds barely moved, with 16 and
+#: an eighth of the steps as warm-up all 5 gained (README "A group of 16 and a learning-rate
+#: warm-up").
 GRPO_GROUP = 16
 GRPO_LR_WARMUP_FRACTION = 0.125
 WARMUP_STEPS = 300
