@@ -1,6 +1,7 @@
 """Where DCEvo's forward + backward spends time and memory on the CPU (issue #16, point 1).
 
     python benchmarks/dcevo_profile.py [--size 64] [--batch 2] [--repeats 3] [--top 12] [--thunks]
+        [--bounds] [--devices 1]
 
 Random weights, the released widths. Compiles ``jax.grad`` of the mean fused output
 with respect to the parameters four ways: ``current`` (what ``dcevo.py`` does),
@@ -19,6 +20,16 @@ of XLA's CPU thunks per step, by thunk kind and by where they come from (forward
 backward; bottleneck 3x3 convolution, its kernel gradient, the depthwise convolution, its
 kernel-gradient loop, the detail branch, the decoder's transformer block, ...). Thunks of
 the two threads overlap, so their sum exceeds the step's wall time.
+
+``--bounds``: also times two steps that are NOT DCEvo's gradient, only bounds on what a
+faster kernel gradient could give: ``no_dw_kernel_grad`` (every depthwise convolution's
+kernel gradient replaced by zeros) and ``no_kernel_grads`` (the dense convolutions' per-tap
+kernel gradient too; 1x1 convolutions keep theirs). XLA then drops that work, so their
+medians are the step's time if those kernel gradients were free. Left out of the gradient
+comparison.
+
+``--devices N`` (default 1): the batch split over N XLA CPU devices under ``shard_map``, the
+gradient averaged with ``pmean``, as ``vs_pytorch.py`` and the trainers run it.
 """
 
 from __future__ import annotations
@@ -29,8 +40,14 @@ import contextlib
 import glob
 import json
 import re
+import sys
 import tempfile
 import time
+
+if __name__ == "__main__":
+    from host_devices import argv_int, force_host_device_count
+
+    force_host_device_count(argv_int(sys.argv[1:], "--devices") or 1)
 
 import flax.linen as nn
 import jax
@@ -39,6 +56,7 @@ import numpy as np
 from timing import interleaved_medians
 
 from evafusion_jax.models import convolution, dcevo
+from evafusion_jax.train import parallel
 
 _DT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "pred": 1, "u32": 4, "s8": 1, "u8": 1}
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\(")
@@ -93,6 +111,36 @@ def depthwise_kernel_grad_unrolled():
         yield
     finally:
         dcevo.depthwise_conv = orig
+
+
+@contextlib.contextmanager
+def kernel_grads_as_zeros(dense: bool):
+    """Inside (timing only, the gradients are wrong): the depthwise convolutions' kernel
+    gradient is zeros, and with ``dense`` also that of ``convolution.conv2d``'s convolutions
+    (not its 1x1 matrix products); their input gradients are unchanged."""
+
+    def dw_bwd(padding, res, dy):
+        x, w = res
+        return dcevo._depthwise_input_grad(dy, w, padding, x), jnp.zeros_like(w)
+
+    def conv_bwd(pads, lhs_dilation, precision, res, dy):
+        x, kernel = res
+        _, vjp_x = jax.vjp(lambda x_: convolution._lax_conv(x_, kernel, pads, lhs_dilation,
+                                                            precision), x)
+        return vjp_x(dy)[0], jnp.zeros_like(kernel)
+
+    dw = jax.custom_vjp(dcevo.depthwise_conv.fun, nondiff_argnums=(2,))
+    dw.defvjp(lambda x, w, p: (dw(x, w, p), (x, w)), dw_bwd)
+    conv = jax.custom_vjp(convolution._conv.fun, nondiff_argnums=(2, 3, 4))
+    conv.defvjp(convolution._conv_fwd, conv_bwd)
+    orig_dw, orig_conv = dcevo.depthwise_conv, convolution._conv
+    dcevo.depthwise_conv = dw
+    if dense:
+        convolution._conv = conv
+    try:
+        yield
+    finally:
+        dcevo.depthwise_conv, convolution._conv = orig_dw, orig_conv
 
 
 @contextlib.contextmanager
@@ -189,21 +237,44 @@ def main():
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--thunks", action="store_true",
                     help="also print XLA's CPU thunk times of the current variant (jax.profiler)")
+    ap.add_argument("--bounds", action="store_true",
+                    help="also time the step without the depthwise / all per-tap kernel "
+                         "gradients (timing only: wrong gradients)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="XLA CPU devices, the batch split over them (default 1)")
     args = ap.parse_args()
+    if args.devices < 1 or args.batch % args.devices or len(jax.devices()) < args.devices:
+        ap.error(f"--devices {args.devices}: needs a divisor of --batch {args.batch} and at most "
+                 f"the {len(jax.devices())} device(s) JAX has (run this file as a script: it "
+                 f"sets XLA_FLAGS before JAX starts, unless XLA_FLAGS already sets a count)")
     cfg = dcevo.DCEvoConfig()
     params = dcevo.init_params(cfg, 0)
     shape = (args.batch, args.size, args.size, 1)
     ir = jax.random.uniform(jax.random.PRNGKey(0), shape)
     vi = jax.random.uniform(jax.random.PRNGKey(1), shape)
 
-    def make():
-        return jax.jit(jax.grad(lambda p, a, b: jnp.mean(dcevo.apply_model(p, a, b, cfg)["fused"])))
+    mesh = parallel.data_mesh(jax.devices()[:args.devices]) if args.devices > 1 else None
+    if mesh is not None:
+        params = parallel.replicate(params, mesh)
+        ir, vi = parallel.shard_batch((ir, vi), mesh)
 
+    def make():
+        g = jax.grad(lambda p, a, b: jnp.mean(dcevo.apply_model(p, a, b, cfg)["fused"]))
+        if mesh is None:
+            return jax.jit(g)
+        return parallel.data_parallel(lambda p, a, b: jax.lax.pmean(g(p, a, b), parallel.DATA_AXIS),
+                                      mesh, batch_argnums=(1, 2))
+
+    variants = [("current", contextlib.nullcontext()),
+                ("flax_conv", dense_convs_as_flax_conv()),
+                ("unrolled_dw_grad", depthwise_kernel_grad_unrolled()),
+                ("conv_1x1", pointwise_as_convolution())]
+    bounds = ("no_dw_kernel_grad", "no_kernel_grads")
+    if args.bounds:
+        variants += [(bounds[0], kernel_grads_as_zeros(dense=False)),
+                     (bounds[1], kernel_grads_as_zeros(dense=True))]
     compiled = {}
-    for name, ctx in (("current", contextlib.nullcontext()),
-                      ("flax_conv", dense_convs_as_flax_conv()),
-                      ("unrolled_dw_grad", depthwise_kernel_grad_unrolled()),
-                      ("conv_1x1", pointwise_as_convolution())):
+    for name, ctx in variants:
         with ctx:
             t0 = time.perf_counter()
             c = make().lower(params, ir, vi).compile()
@@ -233,7 +304,8 @@ def main():
                       "current_speedup_over": {n: round(r["median_s"] / cur, 3)
                                                for n, r in res.items() if n != "current"},
                       "max_rel_grad_diff_to_current": {n: rel_diff(n) for n in compiled
-                                                       if n != "current"}}), flush=True)
+                                                       if n != "current" and n not in bounds}}),
+          flush=True)
     if args.thunks:
         print(json.dumps({"thunks_of": "current",
                           **thunk_profile(compiled["current"], (params, ir, vi))}), flush=True)

@@ -43,23 +43,11 @@ import sys
 import time
 
 
-def _devices_from_argv(argv) -> int:
-    """``--devices`` before JAX starts (its host device count is fixed at start-up)."""
-    batch, devices = 2, None
-    for i, a in enumerate(argv):
-        for name in ("--batch", "--devices"):
-            val = a.split("=", 1)[1] if a.startswith(name + "=") else (
-                argv[i + 1] if a == name and i + 1 < len(argv) else None)
-            if val is not None and val.isdigit():
-                batch, devices = (int(val), devices) if name == "--batch" else (batch, int(val))
-    return devices if devices is not None else max(1, min(os.cpu_count() or 1, batch))
-
-
 if __name__ == "__main__":
-    _n_dev = _devices_from_argv(sys.argv[1:])
-    if _n_dev > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={_n_dev}").strip()
+    from host_devices import argv_int, force_host_device_count
+
+    _dev, _batch = argv_int(sys.argv[1:], "--devices"), argv_int(sys.argv[1:], "--batch") or 2
+    force_host_device_count(_dev if _dev is not None else max(1, min(os.cpu_count() or 1, _batch)))
 
 import jax
 import jax.numpy as jnp
