@@ -11,13 +11,15 @@ import os
 
 
 def argv_int(argv, name: str):
-    """The integer given to option ``name`` in ``argv`` (``name N`` or ``name=N``), else None."""
+    """The integer given to option ``name`` in ``argv`` (``name N`` or ``name=N``; the last
+    one when given twice, as argparse reads it), else None."""
+    found = None
     for i, a in enumerate(argv):
         val = a.split("=", 1)[1] if a.startswith(name + "=") else (
             argv[i + 1] if a == name and i + 1 < len(argv) else None)
         if val is not None and val.isdigit():
-            return int(val)
-    return None
+            found = int(val)
+    return found
 
 
 def force_host_device_count(n: int) -> None:

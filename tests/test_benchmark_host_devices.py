@@ -23,6 +23,7 @@ def test_argv_int_both_spellings_and_absent(hd):
     assert hd.argv_int(["--devices"], "--devices") is None          # no value
     assert hd.argv_int(["--devices", "two"], "--devices") is None   # not a number
     assert hd.argv_int(["--devices-x", "3"], "--devices") is None   # another option
+    assert hd.argv_int(["--devices", "2", "--devices=4"], "--devices") == 4  # the last, as argparse
 
 
 def test_force_host_device_count_keeps_an_existing_count(hd, monkeypatch):
