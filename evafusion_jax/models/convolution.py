@@ -79,16 +79,13 @@ def _conv_fwd(x, kernel, pads, lhs_dilation, precision):
     return _lax_conv(x, kernel, pads, lhs_dilation, precision), (x, kernel)
 
 
-def _conv_bwd(pads, lhs_dilation, precision, res, dy):
-    x, kernel = res
-    _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, pads, lhs_dilation, precision), x)
-    (dx,) = vjp_x(dy)
-    kh, kw, cin, cout = kernel.shape
+def _kernel_grad_per_tap(x, dy, kernel_shape, pads, lhs_dilation, precision, acc):
+    """dK as one (C_in x B*H*W) @ (B*H*W x C_out) product per tap, over the undilated input."""
+    kh, kw, cin, cout = kernel_shape
     b, h, w, _ = x.shape
     (pt, _), (pl, _) = pads
     dh, dw = lhs_dilation
     x2 = x.reshape(b * h * w, cin)
-    acc = jnp.promote_types(kernel.dtype, jnp.float32)
     taps = []
     for i in range(kh):
         dy_i = _window(dy, pt - i, dh, h, axis=1)
@@ -96,8 +93,39 @@ def _conv_bwd(pads, lhs_dilation, precision, res, dy):
             z = _window(dy_i, pl - j, dw, w, axis=2).reshape(b * h * w, cout)
             taps.append(jax.lax.dot_general(x2, z, (((0,), (0,)), ((), ())), precision=precision,
                                             preferred_element_type=acc))
-    dk = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-    return dx, dk
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _kernel_grad_row_stacked(x, dy, kernel_shape, pads, precision, acc):
+    """dK for an undilated input as k_w products (C_in x B*H*W_out) @ (B*H*W_out x k_h*C_out).
+
+    With ``R[b, m, n, (i, o)] = dy[b, m + pt - i, n, o]`` (the k_h row windows of dy side by
+    side, zero out of range) and ``X_j[b, m, n] = x[b, m, n + j - pl]`` (a column window of x),
+    ``dK[i, j] = X_j^T R[..., i, :]``: k_h + k_w - 1 window copies instead of k_h * k_w, and
+    products k_h times wider.
+    """
+    kh, kw, cin, cout = kernel_shape
+    b, h, _, _ = x.shape
+    wo = dy.shape[2]
+    (pt, _), (pl, _) = pads
+    r = jnp.concatenate([_window(dy, pt - i, 1, h, axis=1) for i in range(kh)], axis=-1)
+    r = r.reshape(b * h * wo, kh * cout)
+    cols = [jax.lax.dot_general(_window(x, j - pl, 1, wo, axis=2).reshape(b * h * wo, cin), r,
+                                (((0,), (0,)), ((), ())), precision=precision,
+                                preferred_element_type=acc) for j in range(kw)]
+    return jnp.stack(cols).reshape(kw, cin, kh, cout).transpose(2, 0, 1, 3)
+
+
+def _conv_bwd(pads, lhs_dilation, precision, res, dy):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, pads, lhs_dilation, precision), x)
+    (dx,) = vjp_x(dy)
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    if tuple(lhs_dilation) == (1, 1):
+        dk = _kernel_grad_row_stacked(x, dy, kernel.shape, pads, precision, acc)
+    else:  # a transposed convolution: the per-tap products skip the dilated input's zeros
+        dk = _kernel_grad_per_tap(x, dy, kernel.shape, pads, lhs_dilation, precision, acc)
+    return dx, dk.astype(kernel.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

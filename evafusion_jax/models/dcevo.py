@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evafusion_jax.models import convolution, numerics
+from evafusion_jax.models import convolution, cpu_kernels, numerics
 from evafusion_jax.models.init_utils import init_tree
 
 __all__ = [
@@ -181,15 +181,25 @@ def depthwise_conv(x, w, padding: int = 0):
     Equals ``lax.conv_general_dilated(x, w[:, :, None], (1, 1), [(p, p)] * 2,
     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=C)`` up to float
     rounding. Forward and input gradient are k*k shifted multiply-adds (one elementwise
-    fusion each); the kernel gradient is a loop over the k*k taps, each one reduction of
-    the tap's products over (B, H, W). XLA on CPU runs a one-channel-per-group convolution
-    several times slower than the shifted sum (1.23 s vs 0.19 s forward on
-    1x480x640x64). Written out as k*k fusions, the kernel gradient made XLA recompute the
-    incoming gradient (an elementwise SiLU backward in DCEvo) inside every tap and read its
-    inputs k*k times; in the loop it is computed once (DCEvo forward + backward, 64x64,
-    batch 2, one XLA device: 2.70 s -> 2.26 s on a 2-core CPU, ``benchmarks/dcevo_profile.py``).
+    fusion each). XLA on CPU runs a one-channel-per-group convolution several times slower
+    than the shifted sum (1.23 s vs 0.19 s forward on 1x480x640x64). On the CPU backend
+    the forward pass, the input gradient (float32) and the kernel gradient are the native
+    kernels of :mod:`cpu_kernels` when they are available. Elsewhere the kernel gradient is
+    a loop over the k*k taps, each one reduction of the tap's products over (B, H, W). Written out as k*k fusions, that gradient made XLA recompute the incoming
+    gradient (an elementwise SiLU backward in DCEvo) inside every tap and read its inputs
+    k*k times; in the loop it is computed once (DCEvo forward + backward, 64x64, batch 2,
+    one XLA device: 2.70 s -> 2.26 s on a 2-core CPU, ``benchmarks/dcevo_profile.py``).
     """
-    return _shifted_sum(_zero_pad_hw(x, padding), w, w.shape[0])
+    return _native_or(lambda a, b: _shifted_sum(_zero_pad_hw(a, padding), b, b.shape[0]),
+                      x, w, padding)
+
+
+def _native_or(xla_fn, x, w, padding: int):
+    """``xla_fn(x, w)``, or on the CPU backend the native kernel for float32 operands."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not cpu_kernels.available():
+        return xla_fn(x, w)
+    return jax.lax.platform_dependent(
+        x, w, cpu=lambda a, b: cpu_kernels.depthwise_conv(a, b, padding), default=xla_fn)
 
 
 def _depthwise_fwd(x, w, padding):
@@ -200,22 +210,24 @@ def _depthwise_input_grad(dy, w, padding: int, x):
     """dx of :func:`depthwise_conv`: dy, zero padded by k - 1 - p, correlated with the flipped w."""
     k = w.shape[0]
     q = k - 1 - padding
-    if q >= 0:
-        dx = _shifted_sum(_zero_pad_hw(dy, q), w[::-1, ::-1], k)
-    else:  # padding >= k: the gradient of the padded input, cropped
-        dxp = _shifted_sum(_zero_pad_hw(dy, k - 1), w[::-1, ::-1], k)
-        dx = dxp[:, padding:padding + x.shape[1], padding:padding + x.shape[2]]
-    return dx.astype(x.dtype)
+
+    def xla(g, wf):
+        if q >= 0:
+            return _shifted_sum(_zero_pad_hw(g, q), wf, k)
+        # padding >= k: the gradient of the padded input, cropped
+        dxp = _shifted_sum(_zero_pad_hw(g, k - 1), wf, k)
+        return dxp[:, padding:padding + x.shape[1], padding:padding + x.shape[2]]
+
+    return _native_or(xla, dy, w[::-1, ::-1], q).astype(x.dtype)
 
 
-def _depthwise_bwd(padding, res, dy):
-    x, w = res
-    k = w.shape[0]
-    dx = _depthwise_input_grad(dy, w, padding, x)
-    # dw[i, j, c] = sum_bhw xp[b, h + i, w + j, c] * dy[b, h, w, c], one tap per iteration of a
-    # loop. The loop is what makes it fast in context: dy is usually an elementwise expression
-    # (the SiLU backward) that XLA would otherwise recompute inside each tap's fusion, reading
-    # its inputs from memory k*k times; as a loop operand it is computed once.
+def _depthwise_kernel_grad_xla(x, dy, k: int, padding: int):
+    """dw[i, j, c] = sum_bhw xp[b, h + i, w + j, c] * dy[b, h, w, c], one tap per loop iteration.
+
+    The loop is what makes it fast in context: dy is usually an elementwise expression (the
+    SiLU backward) that XLA would otherwise recompute inside each tap's fusion, reading its
+    inputs from memory k*k times; as a loop operand it is computed once.
+    """
     acc = jnp.promote_types(dy.dtype, jnp.float32)
     xp = _zero_pad_hw(x, padding).astype(acc)
     dya = dy.astype(acc)
@@ -225,9 +237,21 @@ def _depthwise_bwd(padding, res, dy):
         xs = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), (b, ho, wo, c))
         return dw.at[t].set(jnp.sum(xs * dya, axis=(0, 1, 2)))
 
-    dw = jax.lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, c), acc))
-    dw = dw.reshape(w.shape).astype(w.dtype)
-    return dx, dw
+    return jax.lax.fori_loop(0, k * k, tap, jnp.zeros((k * k, c), acc)).reshape(k, k, c)
+
+
+def _depthwise_bwd(padding, res, dy):
+    x, w = res
+    k = w.shape[0]
+    dx = _depthwise_input_grad(dy, w, padding, x)
+    if cpu_kernels.available():  # the native kernel on the CPU backend, XLA's loop elsewhere
+        dw = jax.lax.platform_dependent(
+            x, dy, cpu=lambda a, g: cpu_kernels.depthwise_kernel_grad(a, g, k, padding),
+            default=lambda a, g: _depthwise_kernel_grad_xla(a, g, k, padding).astype(
+                jnp.float32))
+    else:
+        dw = _depthwise_kernel_grad_xla(x, dy, k, padding)
+    return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)

@@ -1,0 +1,238 @@
+// CPU kernels called from XLA through its FFI (see cpu_kernels.py, which builds and loads this
+// file). Every kernel is pure: it reads its input buffers and writes its result buffer only.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float Vec16 __attribute__((vector_size(64)));  // 16 floats; the compiler picks the ISA
+
+inline Vec16 Load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+using Image = ffi::Buffer<ffi::F32, 4>;   // NHWC
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+
+inline void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Kernel gradient of a stride-1 depthwise 3x3 correlation over channels [0, C - C % 16):
+//   dw[3 i + j, c] += sum over (b, ho, wo) of x[b, ho + i - p, wo + j - p, c] * dy[b, ho, wo, c]
+// (x zero outside its H x W). For each output row and 16 channels the nine sums stay in
+// registers over the row; rows of x outside the image read `zero` (W * C zeros), so only the
+// columns where some tap leaves the image need a bounds check.
+void DepthwiseGrad3x3(const float* __restrict x, const float* __restrict dy,
+                      float* __restrict dw, const float* __restrict zero, int64_t B, int64_t H,
+                      int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t p) {
+  // Output columns whose three taps are all inside the image: wo - p >= 0, wo - p + 2 < W.
+  const int64_t in_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, p));
+  const int64_t in_hi = std::max<int64_t>(in_lo, std::min<int64_t>(Wo, W - 2 + p));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t ho = 0; ho < Ho; ++ho) {
+      const float* dy_row = dy + (b * Ho + ho) * Wo * C;
+      const float* rows[3];
+      for (int i = 0; i < 3; ++i) {
+        const int64_t h = ho + i - p;
+        rows[i] = (h < 0 || h >= H) ? zero : x + (b * H + h) * W * C;
+      }
+      for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16) {
+        const float* r0 = rows[0] + c0;
+        const float* r1 = rows[1] + c0;
+        const float* r2 = rows[2] + c0;
+        Vec16 s00 = {}, s01 = {}, s02 = {}, s10 = {}, s11 = {}, s12 = {}, s20 = {}, s21 = {},
+              s22 = {};
+        for (int64_t wo = in_lo; wo < in_hi; ++wo) {
+          const Vec16 g = Load16(dy_row + wo * C + c0);
+          const int64_t o = (wo - p) * C;
+          s00 += Load16(r0 + o) * g;
+          s01 += Load16(r0 + o + C) * g;
+          s02 += Load16(r0 + o + 2 * C) * g;
+          s10 += Load16(r1 + o) * g;
+          s11 += Load16(r1 + o + C) * g;
+          s12 += Load16(r1 + o + 2 * C) * g;
+          s20 += Load16(r2 + o) * g;
+          s21 += Load16(r2 + o + C) * g;
+          s22 += Load16(r2 + o + 2 * C) * g;
+        }
+        Vec16 sums[9] = {s00, s01, s02, s10, s11, s12, s20, s21, s22};
+        for (int64_t wo = 0; wo < Wo; ++wo) {  // the border columns
+          if (wo >= in_lo && wo < in_hi) continue;
+          const Vec16 g = Load16(dy_row + wo * C + c0);
+          for (int j = 0; j < 3; ++j) {
+            const int64_t w = wo + j - p;
+            if (w < 0 || w >= W) continue;
+            for (int i = 0; i < 3; ++i) sums[3 * i + j] += Load16(rows[i] + w * C + c0) * g;
+          }
+        }
+        for (int t = 0; t < 9; ++t) {
+          float* out = dw + t * C + c0;
+          Store16(out, Load16(out) + sums[t]);
+        }
+      }
+    }
+  }
+}
+
+// Stride-1 depthwise 3x3 correlation over channels [0, C - C % 16):
+//   y[b, ho, wo, c] = sum over (i, j) of x[b, ho + i - p, wo + j - p, c] * w[3 i + j, c]
+// (x zero outside its H x W; p may be negative, which crops). The nine weights of 16 channels
+// stay in registers over an output row; rows of x outside the image read `zero`.
+void DepthwiseConv3x3(const float* __restrict x, const float* __restrict wt,
+                      float* __restrict y, const float* __restrict zero, int64_t B, int64_t H,
+                      int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t p) {
+  const int64_t in_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, p));
+  const int64_t in_hi = std::max<int64_t>(in_lo, std::min<int64_t>(Wo, W - 2 + p));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t ho = 0; ho < Ho; ++ho) {
+      float* y_row = y + (b * Ho + ho) * Wo * C;
+      const float* rows[3];
+      for (int i = 0; i < 3; ++i) {
+        const int64_t h = ho + i - p;
+        rows[i] = (h < 0 || h >= H) ? zero : x + (b * H + h) * W * C;
+      }
+      for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16) {
+        Vec16 k[9];
+        for (int t = 0; t < 9; ++t) k[t] = Load16(wt + t * C + c0);
+        const float* r0 = rows[0] + c0;
+        const float* r1 = rows[1] + c0;
+        const float* r2 = rows[2] + c0;
+        for (int64_t wo = in_lo; wo < in_hi; ++wo) {
+          const int64_t o = (wo - p) * C;
+          Vec16 a = Load16(r0 + o) * k[0] + Load16(r0 + o + C) * k[1];
+          a += Load16(r0 + o + 2 * C) * k[2];
+          a += Load16(r1 + o) * k[3] + Load16(r1 + o + C) * k[4] + Load16(r1 + o + 2 * C) * k[5];
+          a += Load16(r2 + o) * k[6] + Load16(r2 + o + C) * k[7] + Load16(r2 + o + 2 * C) * k[8];
+          Store16(y_row + wo * C + c0, a);
+        }
+        for (int64_t wo = 0; wo < Wo; ++wo) {  // the border columns
+          if (wo >= in_lo && wo < in_hi) continue;
+          Vec16 a = {};
+          for (int j = 0; j < 3; ++j) {
+            const int64_t w = wo + j - p;
+            if (w < 0 || w >= W) continue;
+            for (int i = 0; i < 3; ++i) a += Load16(rows[i] + w * C + c0) * k[3 * i + j];
+          }
+          Store16(y_row + wo * C + c0, a);
+        }
+      }
+    }
+  }
+}
+
+// The same correlation for any k x k kernel, over channels [c_begin, C).
+void DepthwiseConvAny(const float* x, const float* wt, float* y, int64_t B, int64_t H, int64_t W,
+                      int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t p, int64_t c_begin) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ho = 0; ho < Ho; ++ho)
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        float* out = y + ((b * Ho + ho) * Wo + wo) * C;
+        for (int64_t c = c_begin; c < C; ++c) out[c] = 0.f;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t h = ho + i - p;
+          if (h < 0 || h >= H) continue;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t w = wo + j - p;
+            if (w < 0 || w >= W) continue;
+            const float* xv = x + ((b * H + h) * W + w) * C;
+            const float* kv = wt + (i * k + j) * C;
+            for (int64_t c = c_begin; c < C; ++c) out[c] += xv[c] * kv[c];
+          }
+        }
+      }
+}
+
+// The same sums for any k x k kernel, over channels [c_begin, C).
+void DepthwiseGradAny(const float* x, const float* dy, float* dw, int64_t B, int64_t H,
+                      int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t p,
+                      int64_t c_begin) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ho = 0; ho < Ho; ++ho)
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t h = ho + i - p;
+        if (h < 0 || h >= H) continue;
+        for (int64_t wo = 0; wo < Wo; ++wo) {
+          const float* g = dy + ((b * Ho + ho) * Wo + wo) * C;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t w = wo + j - p;
+            if (w < 0 || w >= W) continue;
+            const float* xv = x + ((b * H + h) * W + w) * C;
+            float* out = dw + (i * k + j) * C;
+            for (int64_t c = c_begin; c < C; ++c) out[c] += xv[c] * g[c];
+          }
+        }
+      }
+}
+
+ffi::Error DepthwiseKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 2> dw, int64_t k,
+                               int64_t padding) {
+  const auto xd = x.dimensions();
+  const auto gd = dy.dimensions();
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], Ho = gd[1], Wo = gd[2];
+  if (gd[0] != B || gd[3] != C || Ho != H + 2 * padding - k + 1 || Wo != W + 2 * padding - k + 1 ||
+      dw->dimensions()[0] != k * k || dw->dimensions()[1] != C) {
+    return ffi::Error::InvalidArgument("depthwise_kernel_grad: inconsistent shapes");
+  }
+  float* out = dw->typed_data();
+  std::fill(out, out + k * k * C, 0.f);
+  int64_t done = 0;
+  if (k == 3 && C >= 16) {
+    std::vector<float> zero(W * C, 0.f);
+    DepthwiseGrad3x3(x.typed_data(), dy.typed_data(), out, zero.data(), B, H, W, C, Ho, Wo,
+                     padding);
+    done = C - C % 16;
+  }
+  if (done < C) {
+    DepthwiseGradAny(x.typed_data(), dy.typed_data(), out, B, H, W, C, Ho, Wo, k, padding, done);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseConv(Image x, Matrix w, ffi::ResultBuffer<ffi::F32, 4> y, int64_t k,
+                         int64_t padding) {
+  const auto xd = x.dimensions();
+  const auto yd = y->dimensions();
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], Ho = yd[1], Wo = yd[2];
+  if (yd[0] != B || yd[3] != C || Ho != H + 2 * padding - k + 1 || Wo != W + 2 * padding - k + 1 ||
+      w.dimensions()[0] != k * k || w.dimensions()[1] != C) {
+    return ffi::Error::InvalidArgument("depthwise_conv: inconsistent shapes");
+  }
+  int64_t done = 0;
+  if (k == 3 && C >= 16) {
+    std::vector<float> zero(W * C, 0.f);
+    DepthwiseConv3x3(x.typed_data(), w.typed_data(), y->typed_data(), zero.data(), B, H, W, C,
+                     Ho, Wo, padding);
+    done = C - C % 16;
+  }
+  if (done < C) {
+    DepthwiseConvAny(x.typed_data(), w.typed_data(), y->typed_data(), B, H, W, C, Ho, Wo, k,
+                     padding, done);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionDepthwiseConv, DepthwiseConv,
+                              ffi::Ffi::Bind()
+                                  .Arg<Image>()
+                                  .Arg<Matrix>()
+                                  .Ret<Image>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionDepthwiseKernelGrad, DepthwiseKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<Image>()
+                                  .Arg<Image>()
+                                  .Ret<Matrix>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("padding"));
