@@ -4,13 +4,15 @@
         [--bounds] [--devices 1]
 
 Random weights, the released widths. Compiles ``jax.grad`` of the mean fused output
-with respect to the parameters four ways: ``current`` (what ``dcevo.py`` does),
+with respect to the parameters six ways: ``current`` (what ``dcevo.py`` does),
 ``flax_conv`` (the dense convolutions as ``flax.linen.Conv``: XLA's kernel gradient, what
 ``dcevo.py`` used before ``models/convolution.Conv``), ``unrolled_dw_grad`` (the
 depthwise kernel gradient written as one fusion per tap, what ``dcevo.depthwise_conv`` did
-before its tap loop) and ``conv_1x1`` (1x1 convolutions as XLA convolutions instead of
-matrix products, as ``convolution.conv2d`` ran them before), times them interleaved (median
-of ``--repeats``) and prints, for each:
+before its tap loop), ``conv_1x1`` (1x1 convolutions as XLA convolutions instead of
+matrix products, as ``convolution.conv2d`` ran them before), ``xla_depthwise`` (the
+depthwise convolutions without the native kernels of ``models/cpu_kernels``) and
+``per_tap_kernel_grad`` (the dense kernel gradient as one product per tap instead of
+row-stacked), times them interleaved (median of ``--repeats``) and prints, for each:
 XLA's FLOPs and bytes accessed, the temporary memory of the compiled step, the HLO op kinds
 of the optimised module by count, and the ``--top`` largest arrays its entry computation
 produces (what holds the memory). One JSON line per variant, then one with the timings.
@@ -55,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_medians
 
-from evafusion_jax.models import convolution, dcevo
+from evafusion_jax.models import convolution, cpu_kernels, dcevo
 from evafusion_jax.train import parallel
 
 _DT_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "pred": 1, "u32": 4, "s8": 1, "u8": 1}
@@ -111,6 +113,34 @@ def depthwise_kernel_grad_unrolled():
         yield
     finally:
         dcevo.depthwise_conv = orig
+
+
+@contextlib.contextmanager
+def without_cpu_kernels():
+    """Inside: the depthwise convolutions, their input and kernel gradients use XLA's
+    formulations (shifted sums, the tap loop) instead of ``models/cpu_kernels``."""
+    orig = cpu_kernels.available
+    cpu_kernels.available = lambda: False
+    try:
+        yield
+    finally:
+        cpu_kernels.available = orig
+
+
+@contextlib.contextmanager
+def dense_kernel_grad_per_tap():
+    """Inside: ``convolution.conv2d``'s kernel gradient is one matrix product per tap (k*k
+    window copies of the output gradient), as before the row-stacked products."""
+    orig = convolution._kernel_grad_row_stacked
+
+    def per_tap(x, dy, kernel_shape, pads, precision, acc):
+        return convolution._kernel_grad_per_tap(x, dy, kernel_shape, pads, (1, 1), precision, acc)
+
+    convolution._kernel_grad_row_stacked = per_tap
+    try:
+        yield
+    finally:
+        convolution._kernel_grad_row_stacked = orig
 
 
 @contextlib.contextmanager
@@ -268,7 +298,9 @@ def main():
     variants = [("current", contextlib.nullcontext()),
                 ("flax_conv", dense_convs_as_flax_conv()),
                 ("unrolled_dw_grad", depthwise_kernel_grad_unrolled()),
-                ("conv_1x1", pointwise_as_convolution())]
+                ("conv_1x1", pointwise_as_convolution()),
+                ("xla_depthwise", without_cpu_kernels()),
+                ("per_tap_kernel_grad", dense_kernel_grad_per_tap())]
     bounds = ("no_dw_kernel_grad", "no_kernel_grads")
     if args.bounds:
         variants += [(bounds[0], kernel_grads_as_zeros(dense=False)),

@@ -13,6 +13,10 @@ convolution whose "kernel" is the whole output gradient, several times slower th
 forward pass (1.10 s vs 0.23 s for a 3x3 conv on 1x96x96x192 -> 192, 2-core CPU); the
 per-tap products run at about the forward's speed. For a transposed convolution
 (``lhs_dilation`` 2) they also skip the three quarters of zeros of the dilated input.
+Without input dilation the k_h row windows of ``dy`` are stacked along the channels once
+and multiplied by each of the k_w column windows of ``x``: k_h + k_w - 1 window copies
+instead of k_h * k_w, in k_w wider products (DCEvo forward + backward 64x64 batch 2, 2 XLA
+devices: 1.28 s -> 1.16 s on a 2-core CPU).
 
 A 1x1 convolution without padding or dilation is computed as a matrix product over the
 pixels (forward and, by autodiff, both gradients): XLA on the CPU runs the convolution

@@ -56,7 +56,8 @@ def _cpu_fingerprint() -> str:
     """The CPU's model and feature flags (``-march=native`` code is only valid on such CPUs)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        keep = [ln for ln in text.splitlines()
+                if ln.startswith(("model name", "flags", "Features"))]
         return "\n".join(sorted(set(keep)))
     except OSError:
         return platform.processor() or platform.machine()

@@ -180,15 +180,17 @@ def depthwise_conv(x, w, padding: int = 0):
 
     Equals ``lax.conv_general_dilated(x, w[:, :, None], (1, 1), [(p, p)] * 2,
     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=C)`` up to float
-    rounding. Forward and input gradient are k*k shifted multiply-adds (one elementwise
-    fusion each). XLA on CPU runs a one-channel-per-group convolution several times slower
-    than the shifted sum (1.23 s vs 0.19 s forward on 1x480x640x64). On the CPU backend
-    the forward pass, the input gradient (float32) and the kernel gradient are the native
-    kernels of :mod:`cpu_kernels` when they are available. Elsewhere the kernel gradient is
-    a loop over the k*k taps, each one reduction of the tap's products over (B, H, W). Written out as k*k fusions, that gradient made XLA recompute the incoming
-    gradient (an elementwise SiLU backward in DCEvo) inside every tap and read its inputs
-    k*k times; in the loop it is computed once (DCEvo forward + backward, 64x64, batch 2,
-    one XLA device: 2.70 s -> 2.26 s on a 2-core CPU, ``benchmarks/dcevo_profile.py``).
+    rounding. On the CPU backend the forward pass and the input gradient (float32
+    operands) and the kernel gradient are the native kernels of :mod:`cpu_kernels` when
+    they are available (DCEvo forward + backward, 64x64, batch 2, 2 XLA devices on a 2-core
+    CPU: 1.36 s -> 1.16 s, ``benchmarks/dcevo_profile.py``). Otherwise, and on GPU / TPU,
+    forward and input gradient are k*k shifted multiply-adds (one elementwise fusion each;
+    XLA on CPU runs a one-channel-per-group convolution several times slower: 1.23 s vs
+    0.19 s forward on 1x480x640x64), and the kernel gradient is a loop over the k*k taps,
+    each one reduction of the tap's products over (B, H, W). Written out as k*k fusions,
+    that gradient made XLA recompute the incoming gradient (an elementwise SiLU backward in
+    DCEvo) inside every tap and read its inputs k*k times; in the loop it is computed once
+    (DCEvo forward + backward, 64x64, batch 2, one XLA device: 2.70 s -> 2.26 s).
     """
     return _native_or(lambda a, b: _shifted_sum(_zero_pad_hw(a, padding), b, b.shape[0]),
                       x, w, padding)
