@@ -119,12 +119,12 @@ def depthwise_kernel_grad_unrolled():
 def without_cpu_kernels():
     """Inside: the depthwise convolutions, their input and kernel gradients use XLA's
     formulations (shifted sums, the tap loop) instead of ``models/cpu_kernels``."""
-    orig = cpu_kernels.available
-    cpu_kernels.available = lambda: False
+    orig = cpu_kernels.enabled
+    cpu_kernels.enabled = lambda: False
     try:
         yield
     finally:
-        cpu_kernels.available = orig
+        cpu_kernels.enabled = orig
 
 
 @contextlib.contextmanager

@@ -140,6 +140,15 @@ def test_no_compiler_or_disabled_means_unavailable(monkeypatch, caplog):
     assert cpu_kernels._load.__wrapped__() is False
 
 
+def test_enabled_only_on_a_cpu_default_backend(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: pytest.fail("built on a GPU host"))
+    assert cpu_kernels.enabled() is False
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: True)
+    assert cpu_kernels.enabled() is True
+
+
 def test_depthwise_conv_gradient_without_the_kernels_is_the_same(monkeypatch):
     """The XLA fallback and the kernel path give the same DCEvo depthwise values and gradients."""
     rng = np.random.default_rng(0)

@@ -12,8 +12,9 @@ kept in ``$EVAFUSION_JAX_KERNEL_CACHE`` (default ``~/.cache/evafusion_jax/cpu_ke
 under a name that hashes the source, the flags, the compiler, jaxlib and the CPU. Nothing is
 downloaded. Without a compiler, or with ``EVAFUSION_JAX_CPU_KERNELS=0``, :func:`available`
 is False and callers use their XLA formulation (same values up to float rounding); a failed
-build is logged once as a warning. The kernels are only used on the CPU backend
-(``jax.lax.platform_dependent``); GPU and TPU programs never contain them. A CPU program
+build is logged once as a warning. Models use the kernels when JAX's default backend is
+the CPU (:func:`enabled`; on a GPU / TPU host nothing is built), and then only in the CPU
+branch of ``jax.lax.platform_dependent``: GPU and TPU programs never contain them. A CPU program
 that contains one is not portable: ``jax.export`` refuses it unless given
 ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(name)]`` (or run with
 ``EVAFUSION_JAX_CPU_KERNELS=0``).
@@ -121,6 +122,12 @@ def _load() -> bool:
 def available() -> bool:
     """Whether the CPU kernels are built and registered (builds them on the first call)."""
     return _load()
+
+
+def enabled() -> bool:
+    """Whether models should use the kernels: JAX's default backend is the CPU and they are
+    :func:`available` (on a GPU / TPU host nothing is built)."""
+    return jax.default_backend() == "cpu" and available()
 
 
 def depthwise_kernel_grad(x, dy, k: int, padding: int):

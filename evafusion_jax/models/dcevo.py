@@ -198,7 +198,7 @@ def depthwise_conv(x, w, padding: int = 0):
 
 def _native_or(xla_fn, x, w, padding: int):
     """``xla_fn(x, w)``, or on the CPU backend the native kernel for float32 operands."""
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not cpu_kernels.available():
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not cpu_kernels.enabled():
         return xla_fn(x, w)
     return jax.lax.platform_dependent(
         x, w, cpu=lambda a, b: cpu_kernels.depthwise_conv(a, b, padding), default=xla_fn)
@@ -246,7 +246,7 @@ def _depthwise_bwd(padding, res, dy):
     x, w = res
     k = w.shape[0]
     dx = _depthwise_input_grad(dy, w, padding, x)
-    if cpu_kernels.available():  # the native kernel on the CPU backend, XLA's loop elsewhere
+    if cpu_kernels.enabled():  # the native kernel on the CPU backend, XLA's loop elsewhere
         dw = jax.lax.platform_dependent(
             x, dy, cpu=lambda a, g: cpu_kernels.depthwise_kernel_grad(a, g, k, padding),
             default=lambda a, g: _depthwise_kernel_grad_xla(a, g, k, padding).astype(
