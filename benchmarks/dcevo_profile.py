@@ -9,10 +9,11 @@ with respect to the parameters six ways: ``current`` (what ``dcevo.py`` does),
 ``dcevo.py`` used before ``models/convolution.Conv``), ``unrolled_dw_grad`` (the
 depthwise kernel gradient written as one fusion per tap, what ``dcevo.depthwise_conv`` did
 before its tap loop), ``conv_1x1`` (1x1 convolutions as XLA convolutions instead of
-matrix products, as ``convolution.conv2d`` ran them before), ``xla_depthwise`` (the
-depthwise convolutions without the native kernels of ``models/cpu_kernels``) and
-``per_tap_kernel_grad`` (the dense kernel gradient as one product per tap instead of
-row-stacked), times them interleaved (median of ``--repeats``) and prints, for each:
+matrix products, as ``convolution.conv2d`` ran them before), ``no_cpu_kernels`` (without
+the native kernels of ``models/cpu_kernels``: XLA's depthwise formulations and dense kernel
+gradient from row-stacked windows) and ``no_cpu_kernels_per_tap`` (also the dense kernel
+gradient as one product per tap), times them interleaved (median of ``--repeats``) and
+prints, for each:
 XLA's FLOPs and bytes accessed, the temporary memory of the compiled step, the HLO op kinds
 of the optimised module by count, and the ``--top`` largest arrays its entry computation
 produces (what holds the memory). One JSON line per variant, then one with the timings.
@@ -116,31 +117,23 @@ def depthwise_kernel_grad_unrolled():
 
 
 @contextlib.contextmanager
-def without_cpu_kernels():
-    """Inside: the depthwise convolutions, their input and kernel gradients use XLA's
-    formulations (shifted sums, the tap loop) instead of ``models/cpu_kernels``."""
-    orig = cpu_kernels.enabled
-    cpu_kernels.enabled = lambda: False
-    try:
-        yield
-    finally:
-        cpu_kernels.enabled = orig
+def without_cpu_kernels(per_tap: bool = False):
+    """Inside: no ``models/cpu_kernels``: the depthwise convolutions, their input and kernel
+    gradients use XLA's formulations (shifted sums, the tap loop) and the dense kernel
+    gradient XLA's products of row-stacked windows; with ``per_tap`` one product per tap
+    (k*k window copies of the output gradient), as before the row-stacked products."""
+    orig_enabled, orig_rows = cpu_kernels.enabled, convolution._kernel_grad_row_stacked
 
-
-@contextlib.contextmanager
-def dense_kernel_grad_per_tap():
-    """Inside: ``convolution.conv2d``'s kernel gradient is one matrix product per tap (k*k
-    window copies of the output gradient), as before the row-stacked products."""
-    orig = convolution._kernel_grad_row_stacked
-
-    def per_tap(x, dy, kernel_shape, pads, precision, acc):
+    def per_tap_products(x, dy, kernel_shape, pads, precision, acc):
         return convolution._kernel_grad_per_tap(x, dy, kernel_shape, pads, (1, 1), precision, acc)
 
-    convolution._kernel_grad_row_stacked = per_tap
+    cpu_kernels.enabled = lambda: False
+    if per_tap:
+        convolution._kernel_grad_row_stacked = per_tap_products
     try:
         yield
     finally:
-        convolution._kernel_grad_row_stacked = orig
+        cpu_kernels.enabled, convolution._kernel_grad_row_stacked = orig_enabled, orig_rows
 
 
 @contextlib.contextmanager
@@ -299,8 +292,8 @@ def main():
                 ("flax_conv", dense_convs_as_flax_conv()),
                 ("unrolled_dw_grad", depthwise_kernel_grad_unrolled()),
                 ("conv_1x1", pointwise_as_convolution()),
-                ("xla_depthwise", without_cpu_kernels()),
-                ("per_tap_kernel_grad", dense_kernel_grad_per_tap())]
+                ("no_cpu_kernels", without_cpu_kernels()),
+                ("no_cpu_kernels_per_tap", without_cpu_kernels(per_tap=True))]
     bounds = ("no_dw_kernel_grad", "no_kernel_grads")
     if args.bounds:
         variants += [(bounds[0], kernel_grads_as_zeros(dense=False)),

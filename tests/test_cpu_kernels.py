@@ -80,6 +80,69 @@ def test_depthwise_conv_rejects_bad_shapes():
 
 
 @needs_kernels
+@pytest.mark.parametrize("xs, co, khw, pads", [
+    ((2, 9, 7, 8), 32, (3, 3), ((1, 1), (1, 1))),     # DCEvo's 3x3 "same" convolutions
+    ((1, 6, 10, 16), 64, (3, 3), ((0, 0), (0, 0))),   # valid: a smaller output
+    ((1, 5, 6, 8), 32, (3, 2), ((2, 0), (0, 1))),     # asymmetric pads, a non-square kernel
+    ((1, 4, 4, 24), 32, (5, 5), ((3, 3), (3, 3))),    # taps wholly outside the image
+    ((2, 1, 3, 8), 32, (1, 1), ((0, 0), (0, 0))),     # 1x1
+])
+def test_conv_kernel_grad_matches_lax(xs, co, khw, pads):
+    rng = np.random.default_rng(sum(xs) + co)
+    x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(khw + (xs[-1], co)), jnp.float32)
+
+    def conv(k_):
+        return jax.lax.conv_general_dilated(x, k_, (1, 1), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+
+    y, vjp = jax.vjp(conv, k)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    got = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(2, 3))(x, dy, khw, pads)
+    assert got.shape == k.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(dy)[0]), rtol=1e-5, atol=1e-4)
+
+
+def test_conv_kernel_grad_supported_channel_counts():
+    assert cpu_kernels.conv_kernel_grad_supported(8, 32)
+    assert cpu_kernels.conv_kernel_grad_supported(64, 96)
+    assert not cpu_kernels.conv_kernel_grad_supported(4, 32)
+    assert not cpu_kernels.conv_kernel_grad_supported(8, 16)
+
+
+@needs_kernels
+def test_conv_kernel_grad_rejects_bad_shapes():
+    x = jnp.zeros((1, 8, 8, 8), jnp.float32)
+    with pytest.raises(ValueError, match=r"dy has shape \(1, 8, 7, 32\), expected \(1, 8, 8\)"):
+        cpu_kernels.conv_kernel_grad(x, jnp.zeros((1, 8, 7, 32)), (3, 3), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="C_out % 32 == 0"):
+        cpu_kernels.conv_kernel_grad(x, jnp.zeros((1, 8, 8, 16)), (3, 3), ((1, 1), (1, 1)))
+
+
+@needs_kernels
+def test_conv2d_uses_the_kernel_on_the_cpu_and_matches_lax():
+    from evafusion_jax.models import convolution
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((2, 9, 7, 32)), jnp.float32)
+
+    def ours(x_, k_):
+        return convolution.conv2d(x_, k_, "SAME")
+
+    text = jax.jit(lambda a, b: jax.vjp(ours, a, b)[1](dy)).lower(x, k).as_text()
+    assert cpu_kernels._DENSE_TARGET in text
+    got = jax.vjp(ours, x, k)[1](dy)
+    ref = jax.vjp(lambda a, b: jax.lax.conv_general_dilated(
+        a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST), x, k)[1](dy)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
 def test_depthwise_kernel_grad_rejects_an_inconsistent_gradient():
     x = jnp.zeros((1, 8, 8, 16), jnp.float32)
     with pytest.raises(ValueError, match=r"dy has shape \(1, 8, 7, 16\), expected \(1, 8, 8, 16\)"):
@@ -95,7 +158,7 @@ def test_kernel_is_on_the_cpu_program_only():
     def grad_w(x, w):
         return jax.grad(lambda w_: jnp.sum(dcevo.depthwise_conv(x, w_, 1) ** 2))(w)
 
-    targets = (cpu_kernels._DEPTHWISE_TARGET, cpu_kernels._CONV_TARGET)
+    targets = (cpu_kernels._DEPTHWISE_TARGET, cpu_kernels._CONV_TARGET)  # DCEvo's depthwise
     allow = [jax.export.DisabledSafetyCheck.custom_call(t) for t in targets]
     cpu = jax.export.export(jax.jit(grad_w), platforms=["cpu"], disabled_checks=allow)(x, w)
     cuda = jax.export.export(jax.jit(grad_w), platforms=["cuda"])(x, w)

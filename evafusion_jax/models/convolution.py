@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from evafusion_jax.models import cpu_kernels
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -125,7 +127,15 @@ def _conv_bwd(pads, lhs_dilation, precision, res, dy):
     _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, kernel, pads, lhs_dilation, precision), x)
     (dx,) = vjp_x(dy)
     acc = jnp.promote_types(kernel.dtype, jnp.float32)
-    if tuple(lhs_dilation) == (1, 1):
+    kh, kw, cin, cout = kernel.shape
+    native = (tuple(lhs_dilation) == (1, 1) and x.dtype == dy.dtype == acc == jnp.float32
+              and cpu_kernels.conv_kernel_grad_supported(cin, cout) and cpu_kernels.enabled())
+    if native:  # on the CPU backend the native kernel (no window copies), XLA's products elsewhere
+        dk = jax.lax.platform_dependent(
+            x, dy, cpu=lambda a, g: cpu_kernels.conv_kernel_grad(a, g, (kh, kw), pads),
+            default=lambda a, g: _kernel_grad_row_stacked(a, g, kernel.shape, pads, precision,
+                                                          acc))
+    elif tuple(lhs_dilation) == (1, 1):
         dk = _kernel_grad_row_stacked(x, dy, kernel.shape, pads, precision, acc)
     else:  # a transposed convolution: the per-tap products skip the dilated input's zeros
         dk = _kernel_grad_per_tap(x, dy, kernel.shape, pads, lhs_dilation, precision, acc)

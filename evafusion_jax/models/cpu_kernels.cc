@@ -22,6 +22,7 @@ inline Vec16 Load16(const float* p) {
 
 using Image = ffi::Buffer<ffi::F32, 4>;   // NHWC
 using Matrix = ffi::Buffer<ffi::F32, 2>;
+using Taps3 = ffi::Buffer<ffi::F32, 3>;  // (taps, C_in, C_out)
 
 inline void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
@@ -150,6 +151,65 @@ void DepthwiseConvAny(const float* x, const float* wt, float* y, int64_t B, int6
       }
 }
 
+inline Vec16 Splat16(float f) { return Vec16{} + f; }
+
+// Kernel gradient of a stride-1 dense convolution, one output row of one tap, for 8 input
+// channels ci0.. and 32 output channels co0..:
+//   dk[ci, co] += sum over w in [w0, w1) of x_row[w + shift, ci] * g_row[w, co]
+// The 8 x 32 sums stay in 16 vector registers over the row.
+inline void DenseGradTile(const float* __restrict x_row, const float* __restrict g_row,
+                          float* __restrict dk, int64_t Ci, int64_t Co, int64_t w0, int64_t w1,
+                          int64_t shift, int64_t ci0, int64_t co0) {
+  Vec16 s[8][2];
+  for (int r = 0; r < 8; ++r) {
+    s[r][0] = Load16(dk + (ci0 + r) * Co + co0);
+    s[r][1] = Load16(dk + (ci0 + r) * Co + co0 + 16);
+  }
+  for (int64_t w = w0; w < w1; ++w) {
+    const Vec16 g0 = Load16(g_row + w * Co + co0);
+    const Vec16 g1 = Load16(g_row + w * Co + co0 + 16);
+    const float* xv = x_row + (w + shift) * Ci + ci0;
+    for (int r = 0; r < 8; ++r) {
+      const Vec16 b = Splat16(xv[r]);
+      s[r][0] += b * g0;
+      s[r][1] += b * g1;
+    }
+  }
+  for (int r = 0; r < 8; ++r) {
+    Store16(dk + (ci0 + r) * Co + co0, s[r][0]);
+    Store16(dk + (ci0 + r) * Co + co0 + 16, s[r][1]);
+  }
+}
+
+// dk[i * kw + j, ci, co] = sum over (b, h, w) of x[b, h + i - pt, w + j - pl, ci] * g[b, h, w, co]
+// (x zero outside its H x W), for Ci % 8 == 0 and Co % 32 == 0. Output row by output row, so
+// that the gradient row and the input rows it meets are read from the L1 / L2 cache.
+void DenseKernelGrad(const float* x, const float* g, float* dk, int64_t B, int64_t H, int64_t W,
+                     int64_t Ci, int64_t Ho, int64_t Wo, int64_t Co, int64_t kh, int64_t kw,
+                     int64_t pt, int64_t pl) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Ho; ++h) {
+      const float* g_row = g + (b * Ho + h) * Wo * Co;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t hx = h + i - pt;
+        if (hx < 0 || hx >= H) continue;
+        const float* x_row = x + (b * H + hx) * W * Ci;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t shift = j - pl;  // the input column of output column w is w + shift
+          const int64_t w0 = std::max<int64_t>(0, -shift);
+          const int64_t w1 = std::min<int64_t>(Wo, W - shift);
+          float* d = dk + (i * kw + j) * Ci * Co;
+          for (int64_t ci0 = 0; ci0 < Ci; ci0 += 8) {
+            for (int64_t co0 = 0; co0 < Co; co0 += 32) {
+              if (w1 > w0) DenseGradTile(x_row, g_row, d, Ci, Co, w0, w1, shift, ci0, co0);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // The same sums for any k x k kernel, over channels [c_begin, C).
 void DepthwiseGradAny(const float* x, const float* dy, float* dw, int64_t B, int64_t H,
                       int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t k, int64_t p,
@@ -219,7 +279,33 @@ ffi::Error DepthwiseConv(Image x, Matrix w, ffi::ResultBuffer<ffi::F32, 4> y, in
   return ffi::Error::Success();
 }
 
+ffi::Error ConvKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 3> dk, int64_t kh,
+                          int64_t kw, int64_t pt, int64_t pl) {
+  const auto xd = x.dimensions();
+  const auto gd = dy.dimensions();
+  const auto kd = dk->dimensions();
+  const int64_t B = xd[0], H = xd[1], W = xd[2], Ci = xd[3], Ho = gd[1], Wo = gd[2], Co = gd[3];
+  if (gd[0] != B || kd[0] != kh * kw || kd[1] != Ci || kd[2] != Co || Ci % 8 != 0 ||
+      Co % 32 != 0) {
+    return ffi::Error::InvalidArgument("conv_kernel_grad: inconsistent or unsupported shapes");
+  }
+  float* out = dk->typed_data();
+  std::fill(out, out + kh * kw * Ci * Co, 0.f);
+  DenseKernelGrad(x.typed_data(), dy.typed_data(), out, B, H, W, Ci, Ho, Wo, Co, kh, kw, pt, pl);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionConvKernelGrad, ConvKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<Image>()
+                                  .Arg<Image>()
+                                  .Ret<Taps3>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionDepthwiseConv, DepthwiseConv,
                               ffi::Ffi::Bind()

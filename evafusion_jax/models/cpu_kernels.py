@@ -1,10 +1,15 @@
 """Native CPU kernels for the few operations XLA runs slowly on the CPU, called through XLA's FFI.
 
-The depthwise convolution (:func:`depthwise_conv`, also its input gradient) and its kernel
-gradient (:func:`depthwise_kernel_grad`). XLA on the CPU computes the kernel gradient as k*k
+The depthwise convolution (:func:`depthwise_conv`, also its input gradient), its kernel
+gradient (:func:`depthwise_kernel_grad`) and the kernel gradient of a dense convolution
+(:func:`conv_kernel_grad`). XLA on the CPU computes the kernel gradient as k*k
 shifted copies and reductions of the whole activation, and the convolution as a shifted sum
 at a few GFLOP/s; the kernels in ``cpu_kernels.cc`` read each input once, keeping the k*k
-sums (or weights) of 16 channels in registers over an image row.
+sums (or weights) of 16 channels in registers over an image row. For the dense kernel
+gradient XLA copies the k*k shifted windows of an array before its matrix products; the
+kernel multiplies the rows in place with 8 x 32 register tiles (single-threaded, about 116
+GFLOP/s on one core of the 2-core AVX-512 CPU against XLA's products and copies on two
+threads at 95-153 GFLOP/s, ``benchmarks/dcevo_profile.py`` in context).
 
 The library is built on first use with the system's C++ compiler (``$CXX``, else ``c++`` /
 ``g++``; headers from ``jax.ffi.include_dir()``), for this machine's instruction set, and
@@ -42,6 +47,7 @@ _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _DEPTHWISE_TARGET = "evafusion_depthwise_kernel_grad"
 _CONV_TARGET = "evafusion_depthwise_conv"
+_DENSE_TARGET = "evafusion_conv_kernel_grad"
 ENABLE_ENV = "EVAFUSION_JAX_CPU_KERNELS"
 CACHE_ENV = "EVAFUSION_JAX_KERNEL_CACHE"
 
@@ -110,7 +116,8 @@ def _load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
         for target, symbol in ((_DEPTHWISE_TARGET, lib.EvafusionDepthwiseKernelGrad),
-                               (_CONV_TARGET, lib.EvafusionDepthwiseConv)):
+                               (_CONV_TARGET, lib.EvafusionDepthwiseConv),
+                               (_DENSE_TARGET, lib.EvafusionConvKernelGrad)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the XLA formulation
         logger.warning("the CPU kernels could not be built or loaded (%s); XLA's slower "
@@ -167,3 +174,38 @@ def depthwise_conv(x, w, padding: int):
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), w.astype(jnp.float32).reshape(k * k, c), k=int(k),
                 padding=int(padding))
+
+
+def conv_kernel_grad_supported(c_in: int, c_out: int) -> bool:
+    """Whether :func:`conv_kernel_grad` takes these channel counts (its register tiles are 8
+    input x 32 output channels)."""
+    return c_in % 8 == 0 and c_out % 32 == 0
+
+
+def conv_kernel_grad(x, dy, kernel_hw: tuple[int, int], pads):
+    """``dk[i, j] = sum over (b, h, w) of x[b, h + i - pt, w + j - pl, :]^T dy[b, h, w, :]``.
+
+    The kernel gradient of a stride-1, undilated dense convolution of NHWC ``x`` with an HWIO
+    kernel of spatial size ``kernel_hw`` and paddings ``pads`` ((top, bottom), (left, right);
+    ``x`` zero outside the image), in float32, shape (kh, kw, C_in, C_out); the output
+    gradient ``dy`` has the convolution's output shape. Without copies of shifted windows:
+    each output row's gradient meets the input rows it needs in the cache. CPU only, when
+    :func:`available`, for channel counts :func:`conv_kernel_grad_supported` accepts.
+    """
+    kh, kw = (int(k) for k in kernel_hw)
+    (pt, pb), (pl, pr) = pads
+    b, h, w, c_in = x.shape
+    want = (b, h + pt + pb - kh + 1, w + pl + pr - kw + 1)
+    if tuple(dy.shape[:3]) != want:
+        raise ValueError(f"conv_kernel_grad: dy has shape {tuple(dy.shape)}, expected {want} + "
+                         f"(C_out,) for x {tuple(x.shape)}, kernel {kh}x{kw}, pads {pads}")
+    c_out = dy.shape[3]
+    if not conv_kernel_grad_supported(c_in, c_out):
+        raise ValueError(f"conv_kernel_grad: {c_in} -> {c_out} channels; needs C_in % 8 == 0 "
+                         f"and C_out % 32 == 0 (use the XLA formulation otherwise)")
+    call = jax.ffi.ffi_call(_DENSE_TARGET,
+                            jax.ShapeDtypeStruct((kh * kw, c_in, c_out), jnp.float32),
+                            vmap_method="sequential")
+    dk = call(x.astype(jnp.float32), dy.astype(jnp.float32), kh=kh, kw=kw, pt=int(pt),
+              pl=int(pl))
+    return dk.reshape(kh, kw, c_in, c_out)
