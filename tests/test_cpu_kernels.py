@@ -133,7 +133,7 @@ def test_conv2d_uses_the_kernel_on_the_cpu_and_matches_lax():
         return convolution.conv2d(x_, k_, "SAME")
 
     text = jax.jit(lambda a, b: jax.vjp(ours, a, b)[1](dy)).lower(x, k).as_text()
-    assert cpu_kernels._DENSE_TARGET in text
+    assert cpu_kernels._DENSE_GRAD_TARGET in text
     got = jax.vjp(ours, x, k)[1](dy)
     ref = jax.vjp(lambda a, b: jax.lax.conv_general_dilated(
         a, b, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -158,7 +158,7 @@ def test_kernel_is_on_the_cpu_program_only():
     def grad_w(x, w):
         return jax.grad(lambda w_: jnp.sum(dcevo.depthwise_conv(x, w_, 1) ** 2))(w)
 
-    targets = (cpu_kernels._DEPTHWISE_TARGET, cpu_kernels._CONV_TARGET)  # DCEvo's depthwise
+    targets = (cpu_kernels._DEPTHWISE_GRAD_TARGET, cpu_kernels._DEPTHWISE_CONV_TARGET)
     allow = [jax.export.DisabledSafetyCheck.custom_call(t) for t in targets]
     cpu = jax.export.export(jax.jit(grad_w), platforms=["cpu"], disabled_checks=allow)(x, w)
     cuda = jax.export.export(jax.jit(grad_w), platforms=["cuda"])(x, w)

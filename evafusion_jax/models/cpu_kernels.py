@@ -2,14 +2,14 @@
 
 The depthwise convolution (:func:`depthwise_conv`, also its input gradient), its kernel
 gradient (:func:`depthwise_kernel_grad`) and the kernel gradient of a dense convolution
-(:func:`conv_kernel_grad`). XLA on the CPU computes the kernel gradient as k*k
-shifted copies and reductions of the whole activation, and the convolution as a shifted sum
-at a few GFLOP/s; the kernels in ``cpu_kernels.cc`` read each input once, keeping the k*k
-sums (or weights) of 16 channels in registers over an image row. For the dense kernel
-gradient XLA copies the k*k shifted windows of an array before its matrix products; the
-kernel multiplies the rows in place with 8 x 32 register tiles (single-threaded, about 116
-GFLOP/s on one core of the 2-core AVX-512 CPU against XLA's products and copies on two
-threads at 95-153 GFLOP/s, ``benchmarks/dcevo_profile.py`` in context).
+(:func:`conv_kernel_grad`). XLA on the CPU runs the depthwise convolution as a shifted sum at
+a few GFLOP/s and computes both kernel gradients from k*k shifted copies of an activation
+(before its reductions or matrix products). The kernels in ``cpu_kernels.cc`` read each input
+once: the depthwise ones keep the k*k sums (or weights) of 16 channels in registers over an
+image row; the dense kernel gradient multiplies each output-gradient row in place with the
+input rows it meets, 8 x 32 channels of sums in registers. DCEvo forward + backward, 64x64,
+batch 2, 2 XLA devices on a 2-core CPU: 1.360 s without them, 1.080 s with them
+(``benchmarks/dcevo_profile.py``, variant ``no_cpu_kernels``).
 
 The library is built on first use with the system's C++ compiler (``$CXX``, else ``c++`` /
 ``g++``; headers from ``jax.ffi.include_dir()``), for this machine's instruction set, and
@@ -19,8 +19,8 @@ downloaded. Without a compiler, or with ``EVAFUSION_JAX_CPU_KERNELS=0``, :func:`
 is False and callers use their XLA formulation (same values up to float rounding); a failed
 build is logged once as a warning. Models use the kernels when JAX's default backend is
 the CPU (:func:`enabled`; on a GPU / TPU host nothing is built), and then only in the CPU
-branch of ``jax.lax.platform_dependent``: GPU and TPU programs never contain them. A CPU program
-that contains one is not portable: ``jax.export`` refuses it unless given
+branch of ``jax.lax.platform_dependent``: GPU and TPU programs never contain them. A CPU
+program that contains one is not portable: ``jax.export`` refuses it unless given
 ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(name)]`` (or run with
 ``EVAFUSION_JAX_CPU_KERNELS=0``).
 """
@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_DEPTHWISE_TARGET = "evafusion_depthwise_kernel_grad"
-_CONV_TARGET = "evafusion_depthwise_conv"
-_DENSE_TARGET = "evafusion_conv_kernel_grad"
+_DEPTHWISE_GRAD_TARGET = "evafusion_depthwise_kernel_grad"
+_DEPTHWISE_CONV_TARGET = "evafusion_depthwise_conv"
+_DENSE_GRAD_TARGET = "evafusion_conv_kernel_grad"
 ENABLE_ENV = "EVAFUSION_JAX_CPU_KERNELS"
 CACHE_ENV = "EVAFUSION_JAX_KERNEL_CACHE"
 
@@ -115,9 +115,9 @@ def _load() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-        for target, symbol in ((_DEPTHWISE_TARGET, lib.EvafusionDepthwiseKernelGrad),
-                               (_CONV_TARGET, lib.EvafusionDepthwiseConv),
-                               (_DENSE_TARGET, lib.EvafusionConvKernelGrad)):
+        for target, symbol in ((_DEPTHWISE_GRAD_TARGET, lib.EvafusionDepthwiseKernelGrad),
+                               (_DEPTHWISE_CONV_TARGET, lib.EvafusionDepthwiseConv),
+                               (_DENSE_GRAD_TARGET, lib.EvafusionConvKernelGrad)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use the XLA formulation
         logger.warning("the CPU kernels could not be built or loaded (%s); XLA's slower "
@@ -149,7 +149,7 @@ def depthwise_kernel_grad(x, dy, k: int, padding: int):
     if tuple(dy.shape) != want:
         raise ValueError(f"depthwise_kernel_grad: dy has shape {tuple(dy.shape)}, expected "
                          f"{want} for x {tuple(x.shape)}, k={k}, padding={padding}")
-    call = jax.ffi.ffi_call(_DEPTHWISE_TARGET, jax.ShapeDtypeStruct((k * k, c), jnp.float32),
+    call = jax.ffi.ffi_call(_DEPTHWISE_GRAD_TARGET, jax.ShapeDtypeStruct((k * k, c), jnp.float32),
                             vmap_method="sequential")
     dw = call(x.astype(jnp.float32), dy.astype(jnp.float32), k=int(k), padding=int(padding))
     return dw.reshape(k, k, c)
@@ -170,7 +170,7 @@ def depthwise_conv(x, w, padding: int):
     if out[1] < 1 or out[2] < 1:
         raise ValueError(f"depthwise_conv: x {tuple(x.shape)} with padding {padding} is smaller "
                          f"than the {k}x{k} kernel")
-    call = jax.ffi.ffi_call(_CONV_TARGET, jax.ShapeDtypeStruct(out, jnp.float32),
+    call = jax.ffi.ffi_call(_DEPTHWISE_CONV_TARGET, jax.ShapeDtypeStruct(out, jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), w.astype(jnp.float32).reshape(k * k, c), k=int(k),
                 padding=int(padding))
@@ -203,7 +203,7 @@ def conv_kernel_grad(x, dy, kernel_hw: tuple[int, int], pads):
     if not conv_kernel_grad_supported(c_in, c_out):
         raise ValueError(f"conv_kernel_grad: {c_in} -> {c_out} channels; needs C_in % 8 == 0 "
                          f"and C_out % 32 == 0 (use the XLA formulation otherwise)")
-    call = jax.ffi.ffi_call(_DENSE_TARGET,
+    call = jax.ffi.ffi_call(_DENSE_GRAD_TARGET,
                             jax.ShapeDtypeStruct((kh * kw, c_in, c_out), jnp.float32),
                             vmap_method="sequential")
     dk = call(x.astype(jnp.float32), dy.astype(jnp.float32), kh=kh, kw=kw, pt=int(pt),
