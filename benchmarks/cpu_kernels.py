@@ -1,4 +1,4 @@
-"""The native CPU kernels of ``models/cpu_kernels`` alone, against the XLA formulations they replace.
+"""The native CPU kernels of ``models/cpu_kernels`` alone, against the XLA formulations.
 
     python benchmarks/cpu_kernels.py [--repeats 20] [--devices 1]
 
