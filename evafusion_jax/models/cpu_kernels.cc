@@ -2,8 +2,11 @@
 // file). Every kernel is pure: it reads its input buffers and writes its result buffer only.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -26,19 +29,46 @@ using Taps3 = ffi::Buffer<ffi::F32, 3>;  // (taps, C_in, C_out)
 
 inline void Store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Kernel gradient of a stride-1 depthwise 3x3 correlation over channels [0, C - C % 16):
+// Runs body(u) for every u in [0, n) on the calling thread and on up to
+// min(n, max_threads) - 1 tasks of XLA's intra-op thread pool. Units are claimed one at a
+// time, so the caller never waits for a task that has not started: on a busy pool (another
+// XLA device's work) it simply does them all. A task that starts after every unit is claimed
+// touches only the shared counters.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t max_threads, int64_t n, const Body& body) {
+  struct Counters {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto work = [counters, n, &body] {
+    for (int64_t u; (u = counters->next.fetch_add(1)) < n;) {
+      body(u);
+      counters->done.fetch_add(1);
+    }
+  };
+  const int64_t helpers = std::min({pool.num_threads(), max_threads, n}) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (counters->done.load() < n) std::this_thread::yield();
+}
+
+// Kernel gradient of a stride-1 depthwise 3x3 correlation over channels [0, C - C % 16), from
+// output rows [r_lo, r_hi) of the B * Ho:
 //   dw[3 i + j, c] += sum over (b, ho, wo) of x[b, ho + i - p, wo + j - p, c] * dy[b, ho, wo, c]
 // (x zero outside its H x W). For each output row and 16 channels the nine sums stay in
 // registers over the row; rows of x outside the image read `zero` (W * C zeros), so only the
 // columns where some tap leaves the image need a bounds check.
 void DepthwiseGrad3x3(const float* __restrict x, const float* __restrict dy,
                       float* __restrict dw, const float* __restrict zero, int64_t B, int64_t H,
-                      int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t p) {
+                      int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t p, int64_t r_lo,
+                      int64_t r_hi) {
   // Output columns whose three taps are all inside the image: wo - p >= 0, wo - p + 2 < W.
   const int64_t in_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, p));
   const int64_t in_hi = std::max<int64_t>(in_lo, std::min<int64_t>(Wo, W - 2 + p));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t ho = 0; ho < Ho; ++ho) {
+  for (int64_t r = r_lo; r < r_hi; ++r) {  // output rows r = b * Ho + ho
+    {
+      const int64_t b = r / Ho, ho = r % Ho;
       const float* dy_row = dy + (b * Ho + ho) * Wo * C;
       const float* rows[3];
       for (int i = 0; i < 3; ++i) {
@@ -182,13 +212,15 @@ inline void DenseGradTile(const float* __restrict x_row, const float* __restrict
 }
 
 // dk[i * kw + j, ci, co] = sum over (b, h, w) of x[b, h + i - pt, w + j - pl, ci] * g[b, h, w, co]
-// (x zero outside its H x W), for Ci % 8 == 0 and Co % 32 == 0. Output row by output row, so
+// (x zero outside its H x W), for Ci % 8 == 0 and Co % 32 == 0, summed over output rows
+// [r_lo, r_hi) of the B * Ho. Output row by output row, so
 // that the gradient row and the input rows it meets are read from the L1 / L2 cache.
 void DenseKernelGrad(const float* x, const float* g, float* dk, int64_t B, int64_t H, int64_t W,
                      int64_t Ci, int64_t Ho, int64_t Wo, int64_t Co, int64_t kh, int64_t kw,
-                     int64_t pt, int64_t pl) {
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < Ho; ++h) {
+                     int64_t pt, int64_t pl, int64_t r_lo, int64_t r_hi) {
+  for (int64_t r = r_lo; r < r_hi; ++r) {  // output rows r = b * Ho + h
+    {
+      const int64_t b = r / Ho, h = r % Ho;
       const float* g_row = g + (b * Ho + h) * Wo * Co;
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t hx = h + i - pt;
@@ -232,8 +264,9 @@ void DepthwiseGradAny(const float* x, const float* dy, float* dw, int64_t B, int
       }
 }
 
-ffi::Error DepthwiseKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 2> dw, int64_t k,
-                               int64_t padding) {
+ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, Image x, Image dy,
+                               ffi::ResultBuffer<ffi::F32, 2> dw, int64_t k, int64_t padding,
+                               int64_t threads) {
   const auto xd = x.dimensions();
   const auto gd = dy.dimensions();
   const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], Ho = gd[1], Wo = gd[2];
@@ -246,8 +279,14 @@ ffi::Error DepthwiseKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 2>
   int64_t done = 0;
   if (k == 3 && C >= 16) {
     std::vector<float> zero(W * C, 0.f);
-    DepthwiseGrad3x3(x.typed_data(), dy.typed_data(), out, zero.data(), B, H, W, C, Ho, Wo,
-                     padding);
+    const int64_t rows = B * Ho, n = std::max<int64_t>(1, std::min(threads, rows));
+    std::vector<float> partial((n - 1) * k * k * C, 0.f);  // unit 0 sums into `out`
+    ParallelFor(pool, threads, n, [&](int64_t u) {  // a block of output rows per unit
+      float* sums = u == 0 ? out : partial.data() + (u - 1) * k * k * C;
+      DepthwiseGrad3x3(x.typed_data(), dy.typed_data(), sums, zero.data(), B, H, W, C, Ho, Wo,
+                       padding, rows * u / n, rows * (u + 1) / n);
+    });
+    for (size_t t = 0; t < partial.size(); ++t) out[t % (k * k * C)] += partial[t];
     done = C - C % 16;
   }
   if (done < C) {
@@ -279,8 +318,9 @@ ffi::Error DepthwiseConv(Image x, Matrix w, ffi::ResultBuffer<ffi::F32, 4> y, in
   return ffi::Error::Success();
 }
 
-ffi::Error ConvKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 3> dk, int64_t kh,
-                          int64_t kw, int64_t pt, int64_t pl) {
+ffi::Error ConvKernelGrad(ffi::ThreadPool pool, Image x, Image dy,
+                          ffi::ResultBuffer<ffi::F32, 3> dk, int64_t kh, int64_t kw, int64_t pt,
+                          int64_t pl, int64_t threads) {
   const auto xd = x.dimensions();
   const auto gd = dy.dimensions();
   const auto kd = dk->dimensions();
@@ -291,7 +331,15 @@ ffi::Error ConvKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 3> dk, 
   }
   float* out = dk->typed_data();
   std::fill(out, out + kh * kw * Ci * Co, 0.f);
-  DenseKernelGrad(x.typed_data(), dy.typed_data(), out, B, H, W, Ci, Ho, Wo, Co, kh, kw, pt, pl);
+  const int64_t rows = B * Ho, n = std::max<int64_t>(1, std::min(threads, rows));
+  const int64_t size = kh * kw * Ci * Co;
+  std::vector<float> partial((n - 1) * size, 0.f);  // unit 0 sums into `out`
+  ParallelFor(pool, threads, n, [&](int64_t u) {  // a block of output rows per unit
+    float* sums = u == 0 ? out : partial.data() + (u - 1) * size;
+    DenseKernelGrad(x.typed_data(), dy.typed_data(), sums, B, H, W, Ci, Ho, Wo, Co, kh, kw, pt,
+                    pl, rows * u / n, rows * (u + 1) / n);
+  });
+  for (size_t t = 0; t < partial.size(); ++t) out[t % size] += partial[t];
   return ffi::Error::Success();
 }
 
@@ -299,13 +347,15 @@ ffi::Error ConvKernelGrad(Image x, Image dy, ffi::ResultBuffer<ffi::F32, 3> dk, 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionConvKernelGrad, ConvKernelGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Image>()
                                   .Arg<Image>()
                                   .Ret<Taps3>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionDepthwiseConv, DepthwiseConv,
                               ffi::Ffi::Bind()
@@ -317,8 +367,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionDepthwiseConv, DepthwiseConv,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EvafusionDepthwiseKernelGrad, DepthwiseKernelGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Image>()
                                   .Arg<Image>()
                                   .Ret<Matrix>()
                                   .Attr<int64_t>("k")
-                                  .Attr<int64_t>("padding"));
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("threads"));

@@ -126,6 +126,13 @@ def _load() -> bool:
     return True
 
 
+def _threads() -> int:
+    """Threads a kernel may use: the cores per local XLA device (a data-parallel step on N
+    devices runs N kernels at once, one per device; splitting each over every core only makes
+    them compete)."""
+    return max(1, (os.cpu_count() or 1) // max(1, jax.local_device_count()))
+
+
 def available() -> bool:
     """Whether the CPU kernels are built and registered (builds them on the first call)."""
     return _load()
@@ -151,7 +158,8 @@ def depthwise_kernel_grad(x, dy, k: int, padding: int):
                          f"{want} for x {tuple(x.shape)}, k={k}, padding={padding}")
     call = jax.ffi.ffi_call(_DEPTHWISE_GRAD_TARGET, jax.ShapeDtypeStruct((k * k, c), jnp.float32),
                             vmap_method="sequential")
-    dw = call(x.astype(jnp.float32), dy.astype(jnp.float32), k=int(k), padding=int(padding))
+    dw = call(x.astype(jnp.float32), dy.astype(jnp.float32), k=int(k), padding=int(padding),
+              threads=_threads())
     return dw.reshape(k, k, c)
 
 
@@ -207,5 +215,5 @@ def conv_kernel_grad(x, dy, kernel_hw: tuple[int, int], pads):
                             jax.ShapeDtypeStruct((kh * kw, c_in, c_out), jnp.float32),
                             vmap_method="sequential")
     dk = call(x.astype(jnp.float32), dy.astype(jnp.float32), kh=kh, kw=kw, pt=int(pt),
-              pl=int(pl))
+              pl=int(pl), threads=_threads())
     return dk.reshape(kh, kw, c_in, c_out)
