@@ -7,15 +7,14 @@ the jitted kernel and the XLA formulation interleaved (median of ``--repeats``) 
 JSON line: milliseconds, GFLOP/s (2 per multiply-add) and the largest relative difference.
 The XLA formulations are the ones used without the kernels: the shifted sum (depthwise
 forward), the tap loop (depthwise kernel gradient) and the row-stacked products (dense
-kernel gradient). The kernels run on one thread; alone, XLA's products use both cores of
-the 2-core machine even with ``--devices 2`` (the other device is idle), so they win here
-(0.72-0.91x for the kernel). In a training step on 2 XLA devices each device has one core
-busy with its own work, and the kernels also avoid XLA's window copies: there they win
-(``dcevo_profile.py``, variant ``no_cpu_kernels``, measures the whole step).
+kernel gradient). The two kernel gradients split their rows over up to cores / XLA devices
+threads of XLA's pool (the forward kernel runs on one thread); XLA's fusions and products use
+the device's threads too. In a training step the kernels also avoid XLA's window copies and
+fusion boundaries: ``dcevo_profile.py`` (variant ``no_cpu_kernels``) measures the whole step.
 
-Measured (2-core x86-64 CPU with AVX-512, tcmalloc, one device; native vs XLA): depthwise
-forward 1.2-2.2x, depthwise kernel gradient 6.8-9.2x, dense kernel gradient 0.72-0.89x
-(107-114 GFLOP/s on one core, XLA 119-159 on two).
+Measured (2-core x86-64 CPU with AVX-512, tcmalloc, one XLA device, so 2 threads; native vs
+XLA): depthwise forward 1.3-2.4x, depthwise kernel gradient 7-22x, dense kernel gradient
+1.13-1.42x (147-218 GFLOP/s against XLA's 130-155).
 """
 
 from __future__ import annotations
