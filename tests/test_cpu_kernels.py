@@ -212,6 +212,7 @@ def test_enabled_only_on_a_cpu_default_backend(monkeypatch):
     assert cpu_kernels.enabled() is True
 
 
+@needs_kernels
 def test_depthwise_conv_gradient_without_the_kernels_is_the_same(monkeypatch):
     """The XLA fallback and the kernel path give the same DCEvo depthwise values and gradients."""
     rng = np.random.default_rng(0)

@@ -60,16 +60,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t max_threads, int64_t n, const Bo
 // registers over the row; rows of x outside the image read `zero` (W * C zeros), so only the
 // columns where some tap leaves the image need a bounds check.
 void DepthwiseGrad3x3(const float* __restrict x, const float* __restrict dy,
-                      float* __restrict dw, const float* __restrict zero, int64_t B, int64_t H,
-                      int64_t W, int64_t C, int64_t Ho, int64_t Wo, int64_t p, int64_t r_lo,
-                      int64_t r_hi) {
+                      float* __restrict dw, const float* __restrict zero, int64_t H, int64_t W,
+                      int64_t C, int64_t Ho, int64_t Wo, int64_t p, int64_t r_lo, int64_t r_hi) {
   // Output columns whose three taps are all inside the image: wo - p >= 0, wo - p + 2 < W.
   const int64_t in_lo = std::min<int64_t>(Wo, std::max<int64_t>(0, p));
   const int64_t in_hi = std::max<int64_t>(in_lo, std::min<int64_t>(Wo, W - 2 + p));
   for (int64_t r = r_lo; r < r_hi; ++r) {  // output rows r = b * Ho + ho
     {
       const int64_t b = r / Ho, ho = r % Ho;
-      const float* dy_row = dy + (b * Ho + ho) * Wo * C;
+      const float* dy_row = dy + r * Wo * C;
       const float* rows[3];
       for (int i = 0; i < 3; ++i) {
         const int64_t h = ho + i - p;
@@ -215,13 +214,13 @@ inline void DenseGradTile(const float* __restrict x_row, const float* __restrict
 // (x zero outside its H x W), for Ci % 8 == 0 and Co % 32 == 0, summed over output rows
 // [r_lo, r_hi) of the B * Ho. Output row by output row, so
 // that the gradient row and the input rows it meets are read from the L1 / L2 cache.
-void DenseKernelGrad(const float* x, const float* g, float* dk, int64_t B, int64_t H, int64_t W,
-                     int64_t Ci, int64_t Ho, int64_t Wo, int64_t Co, int64_t kh, int64_t kw,
-                     int64_t pt, int64_t pl, int64_t r_lo, int64_t r_hi) {
+void DenseKernelGrad(const float* x, const float* g, float* dk, int64_t H, int64_t W, int64_t Ci,
+                     int64_t Ho, int64_t Wo, int64_t Co, int64_t kh, int64_t kw, int64_t pt,
+                     int64_t pl, int64_t r_lo, int64_t r_hi) {
   for (int64_t r = r_lo; r < r_hi; ++r) {  // output rows r = b * Ho + h
     {
       const int64_t b = r / Ho, h = r % Ho;
-      const float* g_row = g + (b * Ho + h) * Wo * Co;
+      const float* g_row = g + r * Wo * Co;
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t hx = h + i - pt;
         if (hx < 0 || hx >= H) continue;
@@ -283,7 +282,7 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, Image x, Image dy,
     std::vector<float> partial((n - 1) * k * k * C, 0.f);  // unit 0 sums into `out`
     ParallelFor(pool, threads, n, [&](int64_t u) {  // a block of output rows per unit
       float* sums = u == 0 ? out : partial.data() + (u - 1) * k * k * C;
-      DepthwiseGrad3x3(x.typed_data(), dy.typed_data(), sums, zero.data(), B, H, W, C, Ho, Wo,
+      DepthwiseGrad3x3(x.typed_data(), dy.typed_data(), sums, zero.data(), H, W, C, Ho, Wo,
                        padding, rows * u / n, rows * (u + 1) / n);
     });
     for (size_t t = 0; t < partial.size(); ++t) out[t % (k * k * C)] += partial[t];
@@ -336,8 +335,8 @@ ffi::Error ConvKernelGrad(ffi::ThreadPool pool, Image x, Image dy,
   std::vector<float> partial((n - 1) * size, 0.f);  // unit 0 sums into `out`
   ParallelFor(pool, threads, n, [&](int64_t u) {  // a block of output rows per unit
     float* sums = u == 0 ? out : partial.data() + (u - 1) * size;
-    DenseKernelGrad(x.typed_data(), dy.typed_data(), sums, B, H, W, Ci, Ho, Wo, Co, kh, kw, pt,
-                    pl, rows * u / n, rows * (u + 1) / n);
+    DenseKernelGrad(x.typed_data(), dy.typed_data(), sums, H, W, Ci, Ho, Wo, Co, kh, kw, pt, pl,
+                    rows * u / n, rows * (u + 1) / n);
   });
   for (size_t t = 0; t < partial.size(); ++t) out[t % size] += partial[t];
   return ffi::Error::Success();
